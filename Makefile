@@ -1,0 +1,45 @@
+# One entry point for every task. Each target creates the virtual environment and installs the
+# project when needed; the venv is cached in .venv and rebuilt when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA   ?= data
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+GEN_DIR := clients
+
+.PHONY: venv run test lint protos protos-check demo-model bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## protos: regenerate Python code from protos/ into clients/tabserve (generated only, never edited)
+protos: $(STAMP)
+	$(PY) tools/gen_protos.py --out $(GEN_DIR)
+
+## protos-check: fail when the checked-in generated code is stale
+protos-check: $(STAMP)
+	$(PY) tools/gen_protos.py --out $(GEN_DIR) --check
+
+lint: $(STAMP)
+	$(PY) -m ruff check server clients tests tools
+	$(PY) -m mypy
+
+test: $(STAMP) protos-check lint
+	$(PY) -m pytest tests
+
+## run: embedded default: local SQLite registry + demo model under $(DATA)/, server in the foreground
+run: $(STAMP)
+	$(PY) -m tabserve_server.embedded --data-dir $(DATA)
+
+## demo-model: train and register another demo model version and move the production alias to it
+demo-model: $(STAMP)
+	$(PY) -m tabserve_server.demo_model --data-dir $(DATA) --set-alias production
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,85 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LoadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOAD_STATE_UNSPECIFIED: _ClassVar[LoadState]
+    LOAD_STATE_IDLE: _ClassVar[LoadState]
+    LOAD_STATE_LOADING: _ClassVar[LoadState]
+    LOAD_STATE_FAILED: _ClassVar[LoadState]
+LOAD_STATE_UNSPECIFIED: LoadState
+LOAD_STATE_IDLE: LoadState
+LOAD_STATE_LOADING: LoadState
+LOAD_STATE_FAILED: LoadState
+
+class AspiredVersion(_message.Message):
+    __slots__ = ("model_name", "version", "model_uri")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: str
+    model_uri: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., model_uri: _Optional[str] = ...) -> None: ...
+
+class SetAspiredVersionRequest(_message.Message):
+    __slots__ = ("aspired",)
+    ASPIRED_FIELD_NUMBER: _ClassVar[int]
+    aspired: AspiredVersion
+    def __init__(self, aspired: _Optional[_Union[AspiredVersion, _Mapping]] = ...) -> None: ...
+
+class SetAspiredVersionResponse(_message.Message):
+    __slots__ = ("already_serving", "status")
+    ALREADY_SERVING_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    already_serving: bool
+    status: GetStatusResponse
+    def __init__(self, already_serving: _Optional[bool] = ..., status: _Optional[_Union[GetStatusResponse, _Mapping]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServedVersion(_message.Message):
+    __slots__ = ("model_name", "version", "source_uri", "loaded_from", "loaded_at")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FROM_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: str
+    source_uri: str
+    loaded_from: str
+    loaded_at: _timestamp_pb2.Timestamp
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("serving", "aspired", "load_state", "last_error", "last_error_at", "next_attempt_at", "failed_attempts", "failed_version", "accepting_requests")
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    ASPIRED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    serving: ServedVersion
+    aspired: AspiredVersion
+    load_state: LoadState
+    last_error: str
+    last_error_at: _timestamp_pb2.Timestamp
+    next_attempt_at: _timestamp_pb2.Timestamp
+    failed_attempts: int
+    failed_version: str
+    accepting_requests: bool
+    def __init__(self, serving: _Optional[_Union[ServedVersion, _Mapping]] = ..., aspired: _Optional[_Union[AspiredVersion, _Mapping]] = ..., load_state: _Optional[_Union[LoadState, str]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failed_attempts: _Optional[int] = ..., failed_version: _Optional[str] = ..., accepting_requests: _Optional[bool] = ...) -> None: ...

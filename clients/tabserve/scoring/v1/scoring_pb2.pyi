@@ -1,0 +1,129 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LoadedFrom(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOADED_FROM_UNSPECIFIED: _ClassVar[LoadedFrom]
+    LOADED_FROM_REGISTRY: _ClassVar[LoadedFrom]
+    LOADED_FROM_CACHE: _ClassVar[LoadedFrom]
+    LOADED_FROM_LOCAL: _ClassVar[LoadedFrom]
+LOADED_FROM_UNSPECIFIED: LoadedFrom
+LOADED_FROM_REGISTRY: LoadedFrom
+LOADED_FROM_CACHE: LoadedFrom
+LOADED_FROM_LOCAL: LoadedFrom
+
+class NamedRow(_message.Message):
+    __slots__ = ("features",)
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.ScalarMap[str, float]
+    def __init__(self, features: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class NamedRows(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[NamedRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[NamedRow, _Mapping]]] = ...) -> None: ...
+
+class DenseRow(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class DenseRows(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[DenseRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[DenseRow, _Mapping]]] = ...) -> None: ...
+
+class MatrixRows(_message.Message):
+    __slots__ = ("float64_le", "num_rows")
+    FLOAT64_LE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    float64_le: bytes
+    num_rows: int
+    def __init__(self, float64_le: _Optional[bytes] = ..., num_rows: _Optional[int] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "named", "dense", "matrix")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAMED_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    MATRIX_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    named: NamedRows
+    dense: DenseRows
+    matrix: MatrixRows
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., named: _Optional[_Union[NamedRows, _Mapping]] = ..., dense: _Optional[_Union[DenseRows, _Mapping]] = ..., matrix: _Optional[_Union[MatrixRows, _Mapping]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("model_name", "model_version", "threshold", "scores", "decisions")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    threshold: float
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    decisions: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., threshold: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., decisions: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Feature(_message.Message):
+    __slots__ = ("name", "type")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "run_id", "requested_uri", "source_uri", "loaded_from", "loaded_at", "load_duration_seconds", "features", "threshold", "threshold_source", "flavor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_URI_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FROM_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FLAVOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    run_id: str
+    requested_uri: str
+    source_uri: str
+    loaded_from: LoadedFrom
+    loaded_at: _timestamp_pb2.Timestamp
+    load_duration_seconds: float
+    features: _containers.RepeatedCompositeFieldContainer[Feature]
+    threshold: float
+    threshold_source: str
+    flavor: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., requested_uri: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[_Union[LoadedFrom, str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_duration_seconds: _Optional[float] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., flavor: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,229 @@
+"""Typed client of tabserve.scoring.v1.Scoring, with health checks and retries of UNAVAILABLE."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+
+SCORING_SERVICE = "tabserve.scoring.v1.Scoring"
+
+# UNAVAILABLE means "not loaded yet / shutting down / connection refused": safe to retry, since scoring
+# has no side effects. gRPC applies this policy itself, with jittered exponential back-off.
+_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": SCORING_SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+class ScoringError(Exception):
+    """The one exception type the client raises for a failed call.
+
+    Attributes:
+        code: the gRPC status code (e.g. ``grpc.StatusCode.INVALID_ARGUMENT``).
+        details: the server's message; for bad input it names the offending row and feature.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Scores of one request, in request order, and the model version that produced them."""
+
+    model_name: str
+    model_version: str
+    threshold: float
+    scores: np.ndarray  # float64, probability of the positive class
+    decisions: np.ndarray  # bool, scores >= threshold
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    type: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    run_id: str
+    requested_uri: str
+    source_uri: str
+    loaded_from: str  # "registry", "cache" or "local"
+    loaded_at: datetime
+    load_duration_seconds: float
+    features: tuple[Feature, ...]
+    threshold: float
+    threshold_source: str
+    flavor: str
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+
+Rows = Mapping[str, float] | Sequence[Mapping[str, float]] | np.ndarray | Any  # Any: a pandas DataFrame
+
+
+class ScoringClient:
+    """Client of one scoring endpoint.
+
+    Use as a context manager (or call ``close()``)::
+
+        with ScoringClient("localhost:50051") as client:
+            batch = client.score([{"age": 41.0, ...}])
+            print(batch.model_version, batch.scores, batch.decisions)
+
+    Args:
+        target: ``host:port`` of the public port.
+        timeout: default deadline of each call, in seconds.
+        max_message_bytes: largest message sent or received.
+        channel: an existing channel to use instead of creating one (not closed by ``close()``).
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = 5.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self._own_channel = channel is None
+        self._channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = scoring_pb2_grpc.ScoringStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._feature_names: tuple[str, ...] | None = None
+
+    def __enter__(self) -> ScoringClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_channel:
+            self._channel.close()
+
+    # --- calls ------------------------------------------------------------------------------
+
+    def score(self, rows: Rows, *, model_name: str = "", timeout: float | None = None) -> ScoreBatch:
+        """Score rows given as one dict, a list of dicts, a 2-D numpy array in the model's feature order
+        (a 1-D array is one row), or a pandas DataFrame with the model's feature names as columns.
+
+        NaN means "missing". Raises ScoringError on failure.
+        """
+        request = scoring_pb2.ScoreRequest(model_name=model_name)
+        if isinstance(rows, np.ndarray):
+            self._fill_matrix(request, rows)
+        elif isinstance(rows, Mapping):
+            request.named.rows.add().features.update(rows)
+        elif hasattr(rows, "columns") and hasattr(rows, "to_numpy"):  # pandas without importing it
+            names = self.feature_names()
+            columns = [str(c) for c in rows.columns]
+            if sorted(columns) == sorted(names):
+                self._fill_matrix(request, rows[list(names)].to_numpy(dtype=np.float64))
+            else:  # let the server name the offending column
+                self._fill_named(request, rows.to_dict(orient="records"))
+        else:
+            self._fill_named(request, rows)
+        response = self._call(self._stub.Score, request, timeout)
+        return ScoreBatch(
+            model_name=response.model_name,
+            model_version=response.model_version,
+            threshold=response.threshold,
+            scores=np.asarray(response.scores, dtype=np.float64),
+            decisions=np.asarray(response.decisions, dtype=bool),
+        )
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Identity, provenance, feature schema and threshold of the live model version."""
+        m = self._call(self._stub.GetModelInfo, scoring_pb2.GetModelInfoRequest(), timeout)
+        info = ModelInfo(
+            name=m.name,
+            version=m.version,
+            run_id=m.run_id,
+            requested_uri=m.requested_uri,
+            source_uri=m.source_uri,
+            loaded_from=scoring_pb2.LoadedFrom.Name(m.loaded_from).removeprefix("LOADED_FROM_").lower(),
+            loaded_at=m.loaded_at.ToDatetime(),
+            load_duration_seconds=m.load_duration_seconds,
+            features=tuple(Feature(f.name, f.type) for f in m.features),
+            threshold=m.threshold,
+            threshold_source=m.threshold_source,
+            flavor=m.flavor,
+        )
+        self._feature_names = info.feature_names
+        return info
+
+    def feature_names(self) -> tuple[str, ...]:
+        """The model's feature order (fetched once, then cached)."""
+        if self._feature_names is None:
+            self.model_info()
+        assert self._feature_names is not None
+        return self._feature_names
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """grpc.health.v1 status of `service` ('' is the whole server): SERVING, NOT_SERVING, ..."""
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _fill_matrix(request: Any, array: np.ndarray) -> None:
+        matrix = np.asarray(array, dtype="<f8")
+        if matrix.ndim == 1:
+            matrix = matrix.reshape(1, -1)
+        if matrix.ndim != 2:
+            raise ValueError(f"expected a 1-D or 2-D array, got {matrix.ndim}-D")
+        request.matrix.float64_le = np.ascontiguousarray(matrix).tobytes()
+        request.matrix.num_rows = matrix.shape[0]
+
+    @staticmethod
+    def _fill_named(request: Any, rows: Iterable[Mapping[str, float]]) -> None:
+        for row in rows:
+            request.named.rows.add().features.update({str(k): float(v) for k, v in row.items()})
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise ScoringError(exc.code(), exc.details() or "") from None

@@ -1,0 +1,40 @@
+"""Entry point of the server process: `python -m tabserve_server` or `tabserve-server`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from tabserve_server.app import ServingApp
+from tabserve_server.settings import ServerSettings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = ServerSettings.load(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        app = ServingApp(settings)
+        app.start()
+    except (ValueError, RuntimeError) as exc:
+        logging.getLogger("tabserve_server").error("cannot start: %s", exc)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    # One machine-readable line, so scripts and tests that bind port 0 learn the ports.
+    print(json.dumps({"event": "listening", "public_port": app.public_port, "control_port": app.control_port,
+                      "metrics_port": app.metrics_port}), flush=True)
+    while not stop.wait(0.5):
+        pass
+    app.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Wires the server process: core (loader, manager, data plane), gRPC listeners, health, metrics, shutdown.
+
+Listeners: the public port (scoring API, health, reflection), the control port (loopback unless a
+token is set) and the Prometheus endpoint. Health is NOT_SERVING until the first model is loaded,
+SERVING after, and NOT_SERVING again from the moment shutdown starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from tabserve.control.v1 import control_pb2_grpc
+from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+
+from tabserve_server.core.dataplane import DataPlane
+from tabserve_server.core.loading import LoaderConfig, ModelLoader, configure_mlflow, model_name_from_uri
+from tabserve_server.core.manager import ModelManager
+from tabserve_server.core.model import AspiredVersion, LoadedModel
+from tabserve_server.metrics import ServerMetrics
+from tabserve_server.settings import ServerSettings
+from tabserve_server.transport.control import ControlServicer
+from tabserve_server.transport.edge import Edge
+from tabserve_server.transport.scoring import ScoringServicer
+
+log = logging.getLogger(__name__)
+
+SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"].full_name
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loader_config(settings: ServerSettings) -> LoaderConfig:
+    return LoaderConfig(
+        tracking_uri=settings.tracking_uri,
+        registry_uri=settings.registry_uri,
+        cache_dir=Path(settings.cache_dir),
+        default_threshold=settings.default_threshold,
+        allow_pyfunc=settings.allow_pyfunc,
+        predict_threads=settings.predict_threads,
+        registry_timeout_seconds=settings.registry_timeout_seconds,
+    )
+
+
+class ServingApp:
+    """One server process. `start()` binds every listener and begins loading; `stop()` drains."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        loader: ModelLoader | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        host, _ = split_address(settings.control_address)
+        if not _is_loopback(host) and not settings.control_token:
+            raise ValueError(f"control_address {settings.control_address} is not loopback: set control_token")
+        self.settings = settings
+        self.metrics = ServerMetrics(registry or CollectorRegistry())
+        self.loader = loader or ModelLoader(loader_config(settings))
+        self.manager = ModelManager(
+            self.loader,
+            allow_schema_change=settings.allow_schema_change,
+            retry_initial_seconds=settings.retry_initial_seconds,
+            retry_max_seconds=settings.retry_max_seconds,
+        )
+        self.dataplane = DataPlane(self.manager, settings.max_rows, self.metrics.scores.observe)
+        self.health = health.HealthServicer(
+            experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
+        )
+        self.public_services = [SCORING_SERVICE]
+        self._accepting = False
+        self._stopped = threading.Event()
+        self._public: Any = None
+        self._control: Any = None
+        self._metrics_server: Any = None
+        self.public_port = self.control_port = self.metrics_port = 0
+
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        configure_mlflow(self.loader.config)
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._public = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=s.max_workers, thread_name_prefix="public"),
+            interceptors=[Edge(self.metrics, self.accepting)],
+            options=options,
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
+        )
+        scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(self.dataplane), self._public)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._public)
+        names = [*self.public_services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self._public)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.public_port = self._public.add_insecure_port(s.address)
+
+        self._control = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="control"),
+            interceptors=[Edge(None)],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        control_pb2_grpc.add_ModelControlServicer_to_server(
+            ControlServicer(self.manager, s.control_token, self.accepting), self._control
+        )
+        self.control_port = self._control.add_insecure_port(s.control_address)
+
+        metrics_host, metrics_port = split_address(s.metrics_address)
+        self._metrics_server, _ = start_http_server(metrics_port, addr=metrics_host, registry=self.metrics.registry)
+        self.metrics_port = self._metrics_server.server_port
+
+        self.manager.on_swap(self.metrics.model_swapped)
+        self.manager.on_swap(self._on_swap)
+        self.manager.on_load(self.metrics.load_finished)
+        self._public.start()
+        self._control.start()
+        self.manager.start()
+        self.manager.set_aspired(
+            AspiredVersion(model_name=s.model_name or model_name_from_uri(s.model_uri), version="",
+                           model_uri=s.model_uri)
+        )
+
+    def _on_swap(self, new: LoadedModel, old: LoadedModel | None) -> None:
+        if self._stopped.is_set():
+            return
+        self._accepting = True
+        self.metrics.serving.set(1)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _set_health(self, status: Any) -> None:
+        for name in ["", *self.public_services]:
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING and new calls UNAVAILABLE at once; in-flight calls get `grace` seconds."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        log.info("shutting down: draining for up to %.1f s", grace)
+        self._accepting = False
+        self.metrics.serving.set(0)
+        self.health.enter_graceful_shutdown()
+        if self._public is not None:
+            self._public.stop(grace).wait()
+        if self._control is not None:
+            self._control.stop(0).wait()
+        self.manager.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("stopped")

@@ -1,0 +1,383 @@
+"""Resolve an aspired version in MLflow, download it, load it safely, and validate it before it may serve.
+
+Contract:
+- Aliases and stages are resolved to a concrete version first; the download is pinned to
+  `models:/<name>/<version>`, so the version cannot change between the check and the download.
+- LightGBM Boosters load from LightGBM's own text format; pickle-based flavors only through pyfunc,
+  and only when the operator opted in (logged as a warning).
+- A model is returned only after it validated; nothing half-loaded ever leaves this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tabserve_server.core.cache import ModelCache
+from tabserve_server.core.model import (
+    AspiredVersion,
+    LightGBMPredictor,
+    LoadedFrom,
+    LoadedModel,
+    Predictor,
+    PyfuncPredictor,
+)
+from tabserve_server.core.schema import Feature, FeatureSchema
+from tabserve_server.errors import ModelLoadError, RegistryUnavailable
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_TAGS = ("decision_threshold",)
+THRESHOLD_PARAMS = ("optimal_threshold", "decision_threshold")
+
+_MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
+_MODELS_VERSION_OR_STAGE = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)$")
+_RUNS = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+)$")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    tracking_uri: str
+    registry_uri: str
+    cache_dir: Path
+    default_threshold: float
+    allow_pyfunc: bool
+    predict_threads: int
+    registry_timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class ResolvedVersion:
+    """Where a URI pointed at load time: a concrete, pinned artifact location."""
+
+    name: str
+    version: str
+    run_id: str
+    download_uri: str
+    loaded_from: LoadedFrom
+    version_tags: Mapping[str, str]
+
+
+def model_name_from_uri(uri: str) -> str:
+    """The registered model name a models:/ URI refers to ('' for other URIs)."""
+    for pattern in (_MODELS_ALIAS, _MODELS_VERSION_OR_STAGE):
+        match = pattern.match(uri)
+        if match:
+            return match["name"]
+    return ""
+
+
+def configure_mlflow(config: LoaderConfig) -> None:
+    """Point MLflow at the registry and bound its HTTP retries, so an unreachable registry fails fast.
+
+    MLflow reads these from the environment; this is the one place the server sets them.
+    """
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(config.registry_timeout_seconds))))
+    if config.tracking_uri:
+        mlflow.set_tracking_uri(config.tracking_uri)
+    if config.registry_uri or config.tracking_uri:
+        mlflow.set_registry_uri(config.registry_uri or config.tracking_uri)
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+            return True
+        text = str(seen)
+        if "Max retries exceeded" in text or "TEMPORARILY_UNAVAILABLE" in text or "Connection refused" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _wrap(step: str, exc: Exception) -> ModelLoadError:
+    if _is_unreachable(exc):
+        return RegistryUnavailable(f"{step}: MLflow registry unreachable: {exc}")
+    return ModelLoadError(f"{step}: {exc}")
+
+
+def warm_up_rows(schema: FeatureSchema, count: int = 8, seed: int = 0) -> np.ndarray:
+    """Rows for the warm-up check: all zeros, all missing, and random values."""
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(count, len(schema)))
+    rows[0] = 0.0
+    rows[1] = np.nan
+    return rows
+
+
+def validate(model: LoadedModel, served: LoadedModel | None, allow_schema_change: bool) -> None:
+    """Raise ModelLoadError unless `model` is fit to replace `served`."""
+    if served is not None and served.name == model.name and not model.schema.same_inputs(served.schema):
+        if not allow_schema_change:
+            ours, theirs = set(model.schema.names), set(served.schema.names)
+            added, removed = sorted(ours - theirs), sorted(theirs - ours)
+            detail = f"added {added[:5]}, removed {removed[:5]}" if added or removed else "same names, new order"
+            raise ModelLoadError(
+                f"feature schema of version {model.version} differs from served version {served.version} "
+                f"({len(model.schema)} vs {len(served.schema)} features; {detail})"
+            )
+        log.warning("serving a new feature schema for %s (allow_schema_change is on)", model.name)
+    try:
+        scores = model.predict(warm_up_rows(model.schema))
+    except Exception as exc:
+        raise ModelLoadError(f"warm-up prediction failed: {exc}") from exc
+    if scores.shape != (8,) or not np.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
+        raise ModelLoadError(f"warm-up predictions not finite probabilities in [0, 1]: {scores[:8]!r}")
+
+
+class ModelLoader:
+    """Loads aspired versions from MLflow, and the last validated model from the local cache."""
+
+    def __init__(self, config: LoaderConfig) -> None:
+        self.config = config
+        self.cache = ModelCache(config.cache_dir)
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(
+                tracking_uri=self.config.tracking_uri or None,
+                registry_uri=(self.config.registry_uri or self.config.tracking_uri) or None,
+            )
+        return self._client
+
+    # --- public -----------------------------------------------------------------------------
+
+    def load(
+        self, aspired: AspiredVersion, validate_against: Callable[[LoadedModel], None]
+    ) -> tuple[LoadedModel, Callable[[], None]]:
+        """Resolve, download, load and validate `aspired`.
+
+        Returns the model and a `commit` callable that records it in the cache as the last good
+        model; the caller commits once the model is swapped in.
+        """
+        started = time.monotonic()
+        resolved = self.resolve(aspired)
+        if resolved.loaded_from is LoadedFrom.LOCAL:
+            directory = Path(resolved.download_uri)
+            model = self._build(directory, resolved, aspired.model_uri, started)
+            validate_against(model)
+            return model, lambda: None
+        entry = self.cache.stage(resolved.name, resolved.version)
+        try:
+            self._download(resolved.download_uri, entry.directory)
+            model = self._build(entry.directory, resolved, aspired.model_uri, started)
+            validate_against(model)
+        except BaseException:
+            self.cache.discard(entry)
+            raise
+        return model, lambda: self.cache.commit(entry, _cache_metadata(model))
+
+    def load_cached(self, model_name: str) -> LoadedModel | None:
+        """The last model of `model_name` that loaded and validated here, or None."""
+        entry = self.cache.current(model_name)
+        if entry is None:
+            return None
+        started = time.monotonic()
+        meta = entry.metadata
+        resolved = ResolvedVersion(
+            name=meta["name"], version=meta["version"], run_id=meta["run_id"],
+            download_uri=meta["source_uri"], loaded_from=LoadedFrom.CACHE, version_tags={},
+        )
+        threshold = (float(meta["threshold"]), str(meta["threshold_source"]))
+        return self._build(entry.directory, resolved, meta["requested_uri"], started, threshold=threshold)
+
+    def resolve(self, aspired: AspiredVersion) -> ResolvedVersion:
+        uri = aspired.model_uri
+        alias = _MODELS_ALIAS.match(uri)
+        ref = _MODELS_VERSION_OR_STAGE.match(uri)
+        runs = _RUNS.match(uri)
+        if alias or ref:
+            name = (alias or ref)["name"]  # type: ignore[index]
+            mv = self._registry_version(name, alias["alias"] if alias else None, ref["ref"] if ref else None)
+            status = str(mv.status)
+            if status != "READY":
+                raise ModelLoadError(f"{name} version {mv.version} is {status}, not READY")
+            return ResolvedVersion(
+                name=name, version=str(mv.version), run_id=mv.run_id or "",
+                download_uri=f"models:/{name}/{mv.version}", loaded_from=LoadedFrom.REGISTRY,
+                version_tags=dict(mv.tags or {}),
+            )
+        if runs:
+            name = aspired.model_name or "model"
+            return ResolvedVersion(
+                name=name, version=aspired.version or f"run-{runs['run'][:8]}", run_id=runs["run"],
+                download_uri=uri, loaded_from=LoadedFrom.REGISTRY, version_tags={},
+            )
+        path = Path(uri.removeprefix("file://"))
+        if path.is_dir():
+            return ResolvedVersion(
+                name=aspired.model_name or path.name, version=aspired.version or "local", run_id="",
+                download_uri=str(path.resolve()), loaded_from=LoadedFrom.LOCAL, version_tags={},
+            )
+        raise ModelLoadError(
+            f"unsupported model URI {uri!r}: expected models:/NAME@ALIAS, models:/NAME/STAGE, "
+            "models:/NAME/VERSION, runs:/RUN_ID/PATH or a local model directory"
+        )
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def _registry_version(self, name: str, alias: str | None, ref: str | None) -> Any:
+        try:
+            if alias is not None:
+                return self.client.get_model_version_by_alias(name, alias)
+            assert ref is not None
+            if ref.isdigit():
+                return self.client.get_model_version(name, ref)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # stages are deprecated in MLflow 3 but still in use
+                versions = self.client.get_latest_versions(name, stages=[ref])
+            if not versions:
+                raise ModelLoadError(f"no version of {name} is in stage {ref!r}")
+            return max(versions, key=lambda v: int(v.version))
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise _wrap(f"resolving {name}@{alias}" if alias else f"resolving {name}/{ref}", exc) from exc
+
+    def _download(self, uri: str, directory: Path) -> None:
+        import mlflow
+
+        try:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(directory), tracking_uri=self.config.tracking_uri or None
+            )
+        except Exception as exc:
+            raise _wrap(f"downloading {uri}", exc) from exc
+
+    def _threshold(self, resolved: ResolvedVersion) -> tuple[float, str]:
+        for key in THRESHOLD_TAGS:
+            if key in resolved.version_tags:
+                return _parse_threshold(resolved.version_tags[key], f"model_version_tag:{key}")
+        if resolved.run_id:
+            try:
+                params = self.client.get_run(resolved.run_id).data.params
+            except Exception as exc:
+                raise _wrap(f"reading run {resolved.run_id}", exc) from exc
+            for key in THRESHOLD_PARAMS:
+                if key in params:
+                    return _parse_threshold(params[key], f"run_param:{key}")
+        return self.config.default_threshold, "default"
+
+    def _build(
+        self,
+        directory: Path,
+        resolved: ResolvedVersion,
+        requested_uri: str,
+        started: float,
+        threshold: tuple[float, str] | None = None,
+    ) -> LoadedModel:
+        from mlflow.models import Model
+
+        mlmodel_path = directory / "MLmodel"
+        if not mlmodel_path.is_file():
+            raise ModelLoadError(f"{resolved.download_uri}: no MLmodel file in the model artifacts")
+        try:
+            mlmodel = Model.load(str(mlmodel_path))
+        except Exception as exc:
+            raise ModelLoadError(f"{resolved.download_uri}: unreadable MLmodel: {exc}") from exc
+        flavor, predictor, schema = self._predictor(directory, mlmodel, resolved)
+        value, source = threshold if threshold is not None else self._threshold(resolved)
+        return LoadedModel(
+            name=resolved.name, version=resolved.version, run_id=resolved.run_id, requested_uri=requested_uri,
+            source_uri=resolved.download_uri, loaded_from=resolved.loaded_from, loaded_at=datetime.now(UTC),
+            load_duration_seconds=time.monotonic() - started, schema=schema, threshold=value,
+            threshold_source=source, flavor=flavor, predictor=predictor,
+        )
+
+    def _predictor(self, directory: Path, mlmodel: Any, resolved: ResolvedVersion) -> tuple[str, Predictor, FeatureSchema]:
+        flavors: Mapping[str, Any] = mlmodel.flavors
+        signature_schema = _signature_schema(mlmodel)
+        lgb_conf = flavors.get("lightgbm")
+        if lgb_conf and str(lgb_conf.get("data", "")).endswith(".lgb"):
+            import lightgbm
+
+            model_file = directory / lgb_conf["data"]
+            if not model_file.is_file():
+                raise ModelLoadError(f"{resolved.download_uri}: model file {lgb_conf['data']} is missing")
+            try:
+                booster = lightgbm.Booster(model_file=str(model_file))
+            except Exception as exc:
+                raise ModelLoadError(f"{resolved.download_uri}: LightGBM cannot read {model_file.name}: {exc}") from exc
+            booster_names = [str(n) for n in booster.feature_name()]
+            schema = signature_schema or FeatureSchema(tuple(Feature(n, "double") for n in booster_names))
+            if len(schema) != booster.num_feature():
+                raise ModelLoadError(
+                    f"signature has {len(schema)} features, the booster {booster.num_feature()}"
+                )
+            if signature_schema and not all(n.startswith("Column_") for n in booster_names):
+                if tuple(booster_names) != schema.names:
+                    raise ModelLoadError("signature feature names do not match the booster's feature names")
+            threads = self.config.predict_threads or (os.cpu_count() or 1)
+            return "lightgbm", LightGBMPredictor(booster, threads), schema
+        if "python_function" not in flavors:
+            raise ModelLoadError(f"{resolved.download_uri}: no lightgbm or python_function flavor")
+        if not self.config.allow_pyfunc:
+            raise ModelLoadError(
+                f"{resolved.download_uri}: flavors {sorted(flavors)} load through pyfunc, which may unpickle code; "
+                "set allow_pyfunc to opt in"
+            )
+        if signature_schema is None:
+            raise ModelLoadError(f"{resolved.download_uri}: a pyfunc model needs a signature with named inputs")
+        log.warning("loading %s through MLflow pyfunc (allow_pyfunc is on): it may execute pickled code",
+                    resolved.download_uri)
+        import mlflow.pyfunc
+
+        try:
+            model = mlflow.pyfunc.load_model(str(directory))
+        except Exception as exc:
+            raise ModelLoadError(f"{resolved.download_uri}: pyfunc load failed: {exc}") from exc
+        return "python_function", PyfuncPredictor(model, signature_schema), signature_schema
+
+
+def _signature_schema(mlmodel: Any) -> FeatureSchema | None:
+    signature = mlmodel.signature
+    if signature is None or signature.inputs is None or not signature.inputs.has_input_names():
+        return None
+    features = []
+    for spec in signature.inputs.inputs:
+        kind = getattr(spec.type, "name", str(spec.type))
+        features.append(Feature(str(spec.name), str(kind)))
+    return FeatureSchema(tuple(features))
+
+
+def _parse_threshold(raw: str, source: str) -> tuple[float, str]:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ModelLoadError(f"{source} is {raw!r}, not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ModelLoadError(f"{source} is {value}, outside [0, 1]")
+    return value, source
+
+
+def _cache_metadata(model: LoadedModel) -> dict[str, Any]:
+    return {
+        "name": model.name, "version": model.version, "run_id": model.run_id,
+        "requested_uri": model.requested_uri, "source_uri": model.source_uri, "threshold": model.threshold,
+        "threshold_source": model.threshold_source, "flavor": model.flavor,
+        "features": [[f.name, f.type] for f in model.schema.features],
+    }
+
+
+__all__ = ["LoaderConfig", "ModelLoader", "configure_mlflow", "model_name_from_uri", "validate"]

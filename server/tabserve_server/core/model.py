@@ -1,0 +1,101 @@
+"""A loaded, validated model version: identity, provenance, schema, threshold and its predictor."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from tabserve_server.core.schema import FeatureSchema, FloatMatrix
+
+log = logging.getLogger(__name__)
+
+
+class LoadedFrom(enum.Enum):
+    REGISTRY = "registry"
+    CACHE = "cache"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class AspiredVersion:
+    """What should be served: `model_uri` pinned to `version` when the version is known.
+
+    Idempotent: stating the same aspired version again changes nothing. An empty version means the URI
+    names no registry version (runs:/, local path) or is an alias/stage resolved at load (start-up).
+    """
+
+    model_name: str
+    version: str
+    model_uri: str
+
+
+class Predictor(Protocol):
+    def predict(self, matrix: FloatMatrix) -> np.ndarray:
+        """Probability of the positive class, one float64 per row."""
+        ...
+
+
+class LightGBMPredictor:
+    """A LightGBM Booster loaded from LightGBM's own text format (never pickle)."""
+
+    def __init__(self, booster: Any, batch_threads: int) -> None:
+        self.booster = booster
+        self._batch_threads = batch_threads
+
+    def predict(self, matrix: FloatMatrix) -> np.ndarray:
+        # One row gains nothing from OpenMP threads and pays their start-up; batches use the configured count.
+        threads = 1 if matrix.shape[0] == 1 else self._batch_threads
+        scores = self.booster.predict(matrix, num_threads=threads)
+        return np.asarray(scores, dtype=np.float64).reshape(-1)
+
+
+class PyfuncPredictor:
+    """Any MLflow pyfunc model (opt-in): called with a DataFrame in the schema's column order."""
+
+    def __init__(self, model: Any, schema: FeatureSchema) -> None:
+        self.model = model
+        self._columns = list(schema.names)
+
+    def predict(self, matrix: FloatMatrix) -> np.ndarray:
+        import pandas as pd
+
+        output = np.asarray(self.model.predict(pd.DataFrame(matrix, columns=self._columns)), dtype=np.float64)
+        if output.ndim == 2:
+            output = output[:, -1]  # probabilities per class: keep the positive class
+        return output.reshape(-1)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model version in memory. Immutable: a request that captured it runs entirely on it."""
+
+    name: str
+    version: str
+    run_id: str
+    requested_uri: str
+    source_uri: str
+    loaded_from: LoadedFrom
+    loaded_at: datetime
+    load_duration_seconds: float
+    schema: FeatureSchema
+    threshold: float
+    threshold_source: str
+    flavor: str
+    predictor: Predictor
+
+    def satisfies(self, aspired: AspiredVersion) -> bool:
+        """Whether this model is what `aspired` asks for."""
+        if aspired.model_name and aspired.model_name != self.name:
+            return False
+        if aspired.version:
+            return aspired.version == self.version
+        # An alias or stage is resolved at load: a cached copy does not prove where it points now.
+        return aspired.model_uri == self.requested_uri and self.loaded_from is not LoadedFrom.CACHE
+
+    def predict(self, matrix: FloatMatrix) -> np.ndarray:
+        return self.predictor.predict(matrix)

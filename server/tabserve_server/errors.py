@@ -1,0 +1,43 @@
+"""The one error family of the server core; transport/errors.py maps it to gRPC status codes."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of every error the core raises on purpose; the message is safe to return to callers."""
+
+
+class InvalidInput(ServingError):
+    """Malformed rows: wrong feature count, unknown or missing feature, non-numeric, +/-inf, empty."""
+
+
+class RequestTooLarge(ServingError):
+    """More rows (or bytes) than the configured limit."""
+
+
+class ModelUnavailable(ServingError):
+    """No model loaded yet, or the server is shutting down; callers may retry."""
+
+
+class ModelNotFound(ServingError):
+    """The request names a model or version that is not the one served."""
+
+
+class Unauthenticated(ServingError):
+    """A control call without credentials."""
+
+
+class PermissionDenied(ServingError):
+    """A control call with wrong credentials."""
+
+
+class DeadlineExceeded(ServingError):
+    """The caller's deadline passed before the work could finish."""
+
+
+class ModelLoadError(Exception):
+    """A model version could not be resolved, downloaded, loaded or validated (never served)."""
+
+
+class RegistryUnavailable(ModelLoadError):
+    """The MLflow tracking/registry server could not be reached."""

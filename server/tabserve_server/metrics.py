@@ -1,0 +1,107 @@
+"""Prometheus metrics of the server process: a public interface (alerts and dashboards use these names).
+
+All names start with `tabserve_server_`; units are seconds; counters end in `_total`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from tabserve_server.core.model import AspiredVersion, LoadedModel
+
+PREFIX = "tabserve_server_"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SCORE_BUCKETS = tuple(round(x, 2) for x in np.arange(0.05, 1.0001, 0.05))
+
+
+class ScoreHistogram(Collector):
+    """Histogram of predicted scores, updated once per request with numpy (not once per row)."""
+
+    name = PREFIX + "prediction_score"
+
+    def __init__(self) -> None:
+        self._edges = np.asarray(SCORE_BUCKETS, dtype=np.float64)
+        self._counts = np.zeros(len(SCORE_BUCKETS) + 1, dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, scores: np.ndarray) -> None:
+        # Prometheus buckets are upper-inclusive: a score equal to an edge falls in that edge's bucket.
+        if scores.shape[0] == 1:
+            index = int(np.searchsorted(self._edges, scores[0], side="left"))
+            with self._lock:
+                self._counts[index] += 1
+                self._sum += float(scores[0])
+            return
+        counts = np.bincount(np.searchsorted(self._edges, scores, side="left"), minlength=len(self._counts))
+        total = float(scores.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts)
+            total = self._sum
+        buckets = [(str(edge), float(c)) for edge, c in zip(SCORE_BUCKETS, cumulative[:-1], strict=True)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        yield HistogramMetricFamily(
+            self.name, "Predicted probability of the positive class, per scored row.", buckets=buckets, sum_value=total
+        )
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            PREFIX + "requests", "Public RPCs handled, by method and gRPC status code.", ["method", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            PREFIX + "request_duration_seconds", "Time spent handling a public RPC, by method.", ["method"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.rows_scored = Counter(PREFIX + "rows_scored", "Rows scored successfully.", registry=registry)
+        self.in_flight = Gauge(PREFIX + "requests_in_flight", "Public RPCs being handled now.", registry=registry)
+        self.model_info = Gauge(
+            PREFIX + "model_info", "The served model version (value 1).",
+            ["model_name", "model_version", "loaded_from"], registry=registry,
+        )
+        self.model_loaded = Gauge(
+            PREFIX + "model_loaded_timestamp_seconds", "Unix time the served version was swapped in.",
+            registry=registry,
+        )
+        self.model_load_duration = Gauge(
+            PREFIX + "model_load_duration_seconds", "How long the served version took to load and validate.",
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            PREFIX + "model_loads", "Model load attempts, by result (success, failure).", ["result"],
+            registry=registry,
+        )
+        self.model_load_failing = Gauge(
+            PREFIX + "model_load_failing", "1 while the aspired version failed to load and is not served.",
+            registry=registry,
+        )
+        self.serving = Gauge(PREFIX + "serving", "1 when a model is loaded and requests are accepted.", registry=registry)
+        self.scores = ScoreHistogram()
+        registry.register(self.scores)
+        self._served_labels: tuple[str, str, str] | None = None
+
+    def model_swapped(self, new: LoadedModel, old: LoadedModel | None) -> None:
+        if self._served_labels is not None:
+            self.model_info.remove(*self._served_labels)
+        self._served_labels = (new.name, new.version, new.loaded_from.value)
+        self.model_info.labels(*self._served_labels).set(1)
+        self.model_loaded.set(new.loaded_at.timestamp())
+        self.model_load_duration.set(new.load_duration_seconds)
+
+    def load_finished(self, aspired: AspiredVersion, ok: bool, duration: float, error: str) -> None:
+        self.model_loads.labels("success" if ok else "failure").inc()
+        self.model_load_failing.set(0 if ok else 1)

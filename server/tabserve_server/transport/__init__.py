@@ -1,0 +1,1 @@
+"""gRPC fronts: thin translators between protocol messages and the core."""

@@ -1,0 +1,91 @@
+"""The edge every RPC passes through: drain check, error mapping (one table), metrics.
+
+Servicers only translate messages and raise the core's errors; this interceptor turns them into
+status codes, logs unexpected ones with their traceback as INTERNAL, and records the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from tabserve_server.errors import DeadlineExceeded, ServingError
+from tabserve_server.metrics import ServerMetrics
+from tabserve_server.transport.errors import status_of
+
+log = logging.getLogger(__name__)
+
+_EXEMPT = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def check_deadline(context: grpc.ServicerContext) -> None:
+    """Raise DeadlineExceeded when the caller's deadline has already passed (no work is wasted on it)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("deadline exceeded before scoring")
+
+
+class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, metrics: ServerMetrics | None, accepting: Callable[[], bool] | None = None) -> None:
+        self._metrics = metrics
+        self._accepting = accepting
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        method: str = details.method
+        if handler is None or handler.unary_unary is None or method.startswith(_EXEMPT):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._behavior(method.lstrip("/"), handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            cached = (handler, wrapped)
+            self._wrapped[method] = cached
+        return cached[1]
+
+    def _count(self, method: str, code: str, seconds: float) -> None:
+        if self._metrics is None:
+            return
+        child = self._children.get((method, code))
+        if child is None:
+            child = self._children[(method, code)] = self._metrics.requests.labels(method, code)
+        child.inc()
+        self._metrics.request_duration.labels(method).observe(seconds)
+
+    def _behavior(self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        metrics = self._metrics
+        accepting = self._accepting
+
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            if accepting is not None and not accepting():
+                self._count(method, "UNAVAILABLE", 0.0)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "server is not serving (starting or shutting down)")
+            code = "OK"
+            if metrics is not None:
+                metrics.in_flight.inc()
+            try:
+                return inner(request, context)
+            except ServingError as exc:
+                status = status_of(exc)
+                code = status.name
+                context.abort(status, str(exc))
+            except Exception as exc:
+                code = "INTERNAL"
+                log.exception("unexpected error in %s", method)
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server log")
+            finally:
+                if metrics is not None:
+                    metrics.in_flight.dec()
+                self._count(method, code, time.perf_counter() - started)
+
+        return behavior

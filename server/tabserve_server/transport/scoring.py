@@ -1,0 +1,67 @@
+"""tabserve.scoring.v1.Scoring: translate messages to the data plane and back, nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+
+from tabserve_server.core.dataplane import DataPlane, RowBatch
+from tabserve_server.core.model import LoadedFrom
+from tabserve_server.errors import InvalidInput
+from tabserve_server.transport.edge import check_deadline
+
+_LOADED_FROM = {
+    LoadedFrom.REGISTRY: scoring_pb2.LOADED_FROM_REGISTRY,
+    LoadedFrom.CACHE: scoring_pb2.LOADED_FROM_CACHE,
+    LoadedFrom.LOCAL: scoring_pb2.LOADED_FROM_LOCAL,
+}
+
+
+def decode_rows(request: Any) -> RowBatch:
+    which = request.WhichOneof("rows")
+    if which == "dense":
+        return RowBatch(dense=[row.values for row in request.dense.rows])
+    if which == "matrix":
+        return RowBatch(matrix_bytes=request.matrix.float64_le, num_rows=request.matrix.num_rows)
+    if which == "named":
+        return RowBatch(named=[row.features for row in request.named.rows])
+    raise InvalidInput("empty request: set named, dense or matrix rows")
+
+
+class ScoringServicer(scoring_pb2_grpc.ScoringServicer):  # type: ignore[misc]
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    def Score(self, request: Any, context: grpc.ServicerContext) -> Any:
+        batch = decode_rows(request)
+        check_deadline(context)
+        result = self._dataplane.score(batch, request.model_name, request.model_version)
+        return scoring_pb2.ScoreResponse(
+            model_name=result.model.name,
+            model_version=result.model.version,
+            threshold=result.threshold,
+            scores=result.scores.tolist(),
+            decisions=result.decisions.tolist(),
+        )
+
+    def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        model = self._dataplane.model()
+        loaded_at = Timestamp()
+        loaded_at.FromDatetime(model.loaded_at)
+        return scoring_pb2.ModelInfo(
+            name=model.name,
+            version=model.version,
+            run_id=model.run_id,
+            requested_uri=model.requested_uri,
+            source_uri=model.source_uri,
+            loaded_from=_LOADED_FROM[model.loaded_from],
+            loaded_at=loaded_at,
+            load_duration_seconds=model.load_duration_seconds,
+            features=[scoring_pb2.Feature(name=f.name, type=f.type) for f in model.schema.features],
+            threshold=model.threshold,
+            threshold_source=model.threshold_source,
+            flavor=model.flavor,
+        )
