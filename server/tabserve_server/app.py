@@ -84,7 +84,7 @@ class ServingApp:
             retry_initial_seconds=settings.retry_initial_seconds,
             retry_max_seconds=settings.retry_max_seconds,
         )
-        self.dataplane = DataPlane(self.manager, settings.max_rows, self.metrics.scores.observe)
+        self.dataplane = DataPlane(self.manager, settings.max_rows, self.metrics.observe_scores)
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
         )

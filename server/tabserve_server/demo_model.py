@@ -127,7 +127,7 @@ MISSING_VALUE_COLUMNS: Final = (
 )
 _MISSING_RATE: Final = 0.02
 # Intercept of the label's logistic model, calibrated so that about 8% of applicants default.
-_LABEL_INTERCEPT: Final = -3.3
+_LABEL_INTERCEPT: Final = -4.45
 
 
 def _sigmoid(x: FloatMatrix) -> FloatMatrix:
@@ -147,7 +147,7 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
     c["age"] = age
     income = np.round(rng.lognormal(math.log(55_000) - 0.15 * risk, 0.5) / 100.0) * 100.0
     c["annual_income"] = np.maximum(income, 6_000.0)
-    c["employment_years"] = np.round(np.minimum(age - 18.0, rng.exponential(6.0, n)), 1)
+    c["employment_years"] = _as_float(np.round(np.minimum(age - 18.0, rng.exponential(6.0, n)), 1))
     c["months_at_current_address"] = np.round(rng.gamma(2.0, 30.0, n))
     dependents = _as_float(rng.poisson(1.0, n))
     c["num_dependents"] = dependents
@@ -162,7 +162,7 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
     c["loan_amount"] = loan
     term = _as_float(rng.choice(np.array([12, 24, 36, 48, 60, 72]), n))
     c["loan_term_months"] = term
-    rate = np.round(np.clip(9.0 + 3.0 * risk + rng.normal(0.0, 1.5, n), 3.0, 30.0), 2)
+    rate = _as_float(np.round(np.clip(9.0 + 3.0 * risk + rng.normal(0.0, 1.5, n), 3.0, 30.0), 2))
     c["interest_rate"] = rate
     r = rate / 1200.0
     c["monthly_payment"] = np.round(loan * r / (1.0 - (1.0 + r) ** -term), 2)
@@ -207,7 +207,7 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
     c["months_since_newest_account"] = np.floor(history * rng.random(n))
     c["num_accounts_opened_12m"] = _as_float(rng.poisson(np.exp(0.3 * risk)))
 
-    monthly_inquiry_rate = np.exp(-0.9 + 0.5 * risk)
+    monthly_inquiry_rate = np.exp(-2.0 + 0.5 * risk)
     inquiries = np.zeros(n)
     previous_window = 0
     for window in _INQUIRY_WINDOWS_M:
@@ -374,7 +374,7 @@ def _delete_model_file(client: MlflowClient, model_name: str, version: str) -> l
     # Remote store (e.g. mlflow-artifacts:/ proxied by a tracking server): go through its repository.
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: PLC0415
 
-    repo = get_artifact_repository(artifact_uri)
+    repo: Any = get_artifact_repository(artifact_uri)
     found: list[str] = []
     pending = [""]
     while pending:
@@ -383,9 +383,9 @@ def _delete_model_file(client: MlflowClient, model_name: str, version: str) -> l
                 pending.append(info.path)
             elif info.path.rsplit("/", 1)[-1] == MODEL_ARTIFACT_FILE:
                 found.append(info.path)
-    for path in found:
-        repo.delete_artifacts(path)
-    return [f"{artifact_uri.rstrip('/')}/{path}" for path in found]
+    for artifact_path in found:
+        repo.delete_artifacts(artifact_path)
+    return [f"{artifact_uri.rstrip('/')}/{artifact_path}" for artifact_path in found]
 
 
 def register_demo_version(
@@ -410,10 +410,7 @@ def register_demo_version(
 
     feature_names = _wrong_feature_names() if broken == "wrong_features" else FEATURE_NAMES
     started = time.monotonic()
-    if broken == "wrong_features":
-        booster = _train(seed, 20000, 60, feature_names)
-    else:
-        booster = train_booster(seed)
+    booster = train_booster(seed) if broken is None else _train(seed, 20000, 60, feature_names)
     logger.info("trained demo booster (seed %d) in %.1fs", seed, time.monotonic() - started)
 
     sample, _ = make_applicants(20, seed=seed + 1_000_003)
@@ -455,9 +452,7 @@ def register_demo_version(
     if stage is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # model stages are deprecated since 2.9
-            client.transition_model_version_stage(
-                model_name, version, stage, archive_existing_versions=False
-            )
+            client.transition_model_version_stage(model_name, version, stage, archive_existing_versions=False)
         logger.info("stage of %s version %s -> %s", model_name, version, stage)
     return version
 
@@ -519,7 +514,11 @@ def bootstrap_embedded_registry(
         uri, model_name, seed=BOOTSTRAP_SEED, threshold=threshold, alias=DEFAULT_ALIAS
     )
     logger.info(
-        "bootstrapped %s version %s@%s in %.1fs", model_name, version, DEFAULT_ALIAS, time.monotonic() - started
+        "bootstrapped %s version %s@%s in %.1fs",
+        model_name,
+        version,
+        DEFAULT_ALIAS,
+        time.monotonic() - started,
     )
     return uri
 

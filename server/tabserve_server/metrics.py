@@ -94,6 +94,10 @@ class ServerMetrics:
         registry.register(self.scores)
         self._served_labels: tuple[str, str, str] | None = None
 
+    def observe_scores(self, scores: np.ndarray) -> None:
+        self.rows_scored.inc(scores.shape[0])
+        self.scores.observe(scores)
+
     def model_swapped(self, new: LoadedModel, old: LoadedModel | None) -> None:
         if self._served_labels is not None:
             self.model_info.remove(*self._served_labels)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a real SQLite MLflow registry with the demo model, and real servers on port 0."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from tabserve_client import ScoringClient
+
+from tabserve_server.app import ServingApp
+from tabserve_server.demo_model import bootstrap_embedded_registry
+from tests.support import MODEL_NAME, server_settings, wait_for
+
+
+@pytest.fixture(scope="session")
+def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(registry_dir: Path) -> str:
+    """A SQLite registry with version 1 of the demo model under alias `production`."""
+    return bootstrap_embedded_registry(registry_dir, model_name=MODEL_NAME, threshold=0.48)
+
+
+@pytest.fixture
+def app(tracking_uri: str, tmp_path: Path) -> Iterator[ServingApp]:
+    """An in-process server on the production alias, started and SERVING."""
+    serving = ServingApp(server_settings(tracking_uri, tmp_path / "cache"), registry=CollectorRegistry())
+    serving.start()
+    try:
+        wait_for(lambda: serving.manager.current() is not None and serving.accepting(), what="first model load")
+        yield serving
+    finally:
+        serving.stop(1.0)
+
+
+@pytest.fixture
+def client(app: ServingApp) -> Iterator[ScoringClient]:
+    with ScoringClient(f"127.0.0.1:{app.public_port}") as scoring:
+        yield scoring

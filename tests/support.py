@@ -1,0 +1,89 @@
+"""Test support: real servers on port 0, in-process or as child processes, and waiting helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tabserve_server.settings import ENV_PREFIX, ServerSettings
+
+MODEL_NAME = "credit-default"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def server_settings(tracking_uri: str, cache_dir: Path, **overrides: Any) -> ServerSettings:
+    values: dict[str, Any] = {
+        "model_uri": f"models:/{MODEL_NAME}@production",
+        "tracking_uri": tracking_uri,
+        "address": "127.0.0.1:0",
+        "control_address": "127.0.0.1:0",
+        "metrics_address": "127.0.0.1:0",
+        "cache_dir": str(cache_dir),
+        "retry_initial_seconds": 0.2,
+        "retry_max_seconds": 1.0,
+        "registry_timeout_seconds": 2.0,
+        "shutdown_grace_seconds": 5.0,
+    }
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+class ServerProcess:
+    """`python -m tabserve_server` as a child process; ports are read from its 'listening' line."""
+
+    def __init__(self, settings: ServerSettings, extra_env: Mapping[str, str] | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        for field, value in vars(settings).items():
+            env[ENV_PREFIX + field.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tabserve_server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise AssertionError(f"server exited early: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        ports = json.loads(line)
+        self.public_port: int = ports["public_port"]
+        self.control_port: int = ports["control_port"]
+        self.metrics_port: int = ports["metrics_port"]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.public_port}"
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -1,0 +1,214 @@
+"""The public scoring API against a real in-process server: results and every row of the error contract."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tabserve_client import ScoringClient, ScoringError
+
+from tabserve_server.app import ServingApp
+from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
+from tests.support import server_settings, wait_for
+
+
+def rows(n: int, seed: int = 3) -> np.ndarray:
+    return make_applicants(n, seed=seed)[0]
+
+
+def test_scores_match_the_booster_bit_for_bit_on_every_encoding(app: ServingApp, client: ScoringClient) -> None:
+    matrix = rows(20)
+    model = app.manager.current()
+    assert model is not None
+    expected = model.predictor.booster.predict(matrix)  # type: ignore[attr-defined]
+    as_dicts = [dict(zip(FEATURE_NAMES, row, strict=True)) for row in matrix]
+    for batch in (client.score(matrix), client.score(as_dicts)):
+        assert batch.model_name == "credit-default" and batch.model_version == "1"
+        np.testing.assert_array_equal(batch.scores, expected)
+        np.testing.assert_array_equal(batch.decisions, expected >= batch.threshold)
+    stub = scoring_pb2_grpc.ScoringStub(grpc.insecure_channel(f"127.0.0.1:{app.public_port}"))
+    dense = scoring_pb2.ScoreRequest(dense=scoring_pb2.DenseRows(rows=[scoring_pb2.DenseRow(values=r) for r in matrix]))
+    np.testing.assert_array_equal(np.array(stub.Score(dense).scores), expected)
+
+
+def test_threshold_comes_from_the_run_parameter(client: ScoringClient) -> None:
+    info = client.model_info()
+    assert (info.threshold, info.threshold_source) == (0.48, "run_param:optimal_threshold")
+    assert info.requested_uri == "models:/credit-default@production"
+    assert info.source_uri == "models:/credit-default/1" and info.version == "1"
+    assert info.loaded_from == "registry" and info.flavor == "lightgbm" and info.run_id
+    assert info.feature_names == FEATURE_NAMES and {f.type for f in info.features} == {"double"}
+
+
+def test_nan_means_missing_and_is_accepted(client: ScoringClient) -> None:
+    matrix = np.full((2, len(FEATURE_NAMES)), np.nan)
+    batch = client.score(matrix)
+    assert np.isfinite(batch.scores).all() and len(batch) == 2
+
+
+def _error(call: object) -> ScoringError:
+    with pytest.raises(ScoringError) as caught:
+        call()  # type: ignore[operator]
+    return caught.value
+
+
+def test_wrong_feature_count_names_the_row(client: ScoringClient) -> None:
+    bad = rows(3)
+    err = _error(lambda: client.score([dict(zip(FEATURE_NAMES, r, strict=True)) for r in bad[:2]]
+                                      + [dict(zip(FEATURE_NAMES[:-1], bad[2][:-1], strict=True))]))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "row 2" in err.details and FEATURE_NAMES[-1] in err.details
+
+
+def test_dense_row_with_wrong_length(app: ServingApp) -> None:
+    stub = scoring_pb2_grpc.ScoringStub(grpc.insecure_channel(f"127.0.0.1:{app.public_port}"))
+    request = scoring_pb2.ScoreRequest(dense=scoring_pb2.DenseRows(
+        rows=[scoring_pb2.DenseRow(values=[0.0] * 189), scoring_pb2.DenseRow(values=[0.0] * 5)]))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Score(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "row 1: has 5 values" in (caught.value.details() or "")
+
+
+def test_unknown_feature_is_named(client: ScoringClient) -> None:
+    row = dict(zip(FEATURE_NAMES, rows(1)[0], strict=True))
+    row["shoe_size"] = 42.0
+    err = _error(lambda: client.score([row]))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "row 0: unknown feature 'shoe_size'" in err.details
+
+
+def test_missing_feature_is_named(client: ScoringClient) -> None:
+    row = dict(zip(FEATURE_NAMES, rows(1)[0], strict=True))
+    del row[FEATURE_NAMES[7]]
+    row["other"] = 1.0
+    err = _error(lambda: client.score([row, row]))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "row 0" in err.details and "'other'" in err.details
+    del row["other"]
+    err = _error(lambda: client.score([row]))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and f"missing feature '{FEATURE_NAMES[7]}'" in err.details
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_values_are_rejected_with_row_and_feature(client: ScoringClient, value: float) -> None:
+    matrix = rows(4)
+    matrix[2, 5] = value
+    err = _error(lambda: client.score(matrix))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"row 2: feature '{FEATURE_NAMES[5]}'" in err.details
+
+
+def test_non_numeric_payload_is_rejected(app: ServingApp) -> None:
+    # The matrix path carries raw bytes: a length that is not rows x features x 8 is not numbers.
+    stub = scoring_pb2_grpc.ScoringStub(grpc.insecure_channel(f"127.0.0.1:{app.public_port}"))
+    request = scoring_pb2.ScoreRequest(matrix=scoring_pb2.MatrixRows(float64_le=b"not numbers", num_rows=1))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Score(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "matrix" in (caught.value.details() or "")
+
+
+def test_empty_request_is_invalid(app: ServingApp, client: ScoringClient) -> None:
+    assert _error(lambda: client.score([])).code == grpc.StatusCode.INVALID_ARGUMENT
+    stub = scoring_pb2_grpc.ScoringStub(grpc.insecure_channel(f"127.0.0.1:{app.public_port}"))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Score(scoring_pb2.ScoreRequest())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty request" in (caught.value.details() or "")
+
+
+def test_unknown_model_name_or_version_is_not_found(client: ScoringClient, app: ServingApp) -> None:
+    err = _error(lambda: client.score(rows(1), model_name="fraud"))
+    assert err.code == grpc.StatusCode.NOT_FOUND and "'fraud'" in err.details
+    stub = scoring_pb2_grpc.ScoringStub(grpc.insecure_channel(f"127.0.0.1:{app.public_port}"))
+    request = scoring_pb2.ScoreRequest(model_version="99", matrix=scoring_pb2.MatrixRows(
+        float64_le=rows(1).tobytes(), num_rows=1))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Score(request)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "'99'" in (caught.value.details() or "")
+
+
+def test_too_many_rows_and_too_many_bytes_are_resource_exhausted(tracking_uri: str, tmp_path: Path) -> None:
+    app = ServingApp(server_settings(tracking_uri, tmp_path, max_rows=10, max_message_bytes=200_000),
+                     registry=CollectorRegistry())
+    app.start()
+    try:
+        wait_for(app.accepting, what="first load")
+        with ScoringClient(f"127.0.0.1:{app.public_port}") as client:
+            err = _error(lambda: client.score(rows(11)))
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "11 rows" in err.details
+            err = _error(lambda: client.score(np.zeros((200, 189))))
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(client.score(rows(10))) == 10
+    finally:
+        app.stop(0)
+
+
+def test_no_model_loaded_is_unavailable(tracking_uri: str, tmp_path: Path) -> None:
+    app = ServingApp(server_settings(tracking_uri, tmp_path, model_uri="models:/no-such-model@production"),
+                     registry=CollectorRegistry())
+    app.start()
+    try:
+        with ScoringClient(f"127.0.0.1:{app.public_port}", timeout=3) as client:
+            err = _error(lambda: client.score(rows(1)))
+            assert err.code == grpc.StatusCode.UNAVAILABLE
+            assert client.health() == "NOT_SERVING"
+        wait_for(lambda: app.manager.status().last_error, what="load failure recorded")
+        assert "no-such-model" in app.manager.status().last_error
+    finally:
+        app.stop(0)
+
+
+def test_unexpected_errors_are_internal_and_logged(app: ServingApp, client: ScoringClient,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    class Exploding:
+        def predict(self, matrix: np.ndarray) -> np.ndarray:
+            raise RuntimeError("boom")
+
+    model = app.manager.current()
+    assert model is not None
+    app.manager._swap(dataclasses.replace(model, predictor=Exploding()))
+    err = _error(lambda: client.score(rows(1)))
+    assert err.code == grpc.StatusCode.INTERNAL and "RuntimeError" in err.details
+    assert any("boom" in (r.exc_text or "") for r in caplog.records)
+
+
+def test_control_requires_the_token_when_set(tracking_uri: str, tmp_path: Path) -> None:
+    app = ServingApp(server_settings(tracking_uri, tmp_path, control_token="s3cret"), registry=CollectorRegistry())
+    app.start()
+    try:
+        stub = control_pb2_grpc.ModelControlStub(grpc.insecure_channel(f"127.0.0.1:{app.control_port}"))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetStatus(control_pb2.GetStatusRequest())
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetStatus(control_pb2.GetStatusRequest(), metadata=[("authorization", "Bearer wrong")])
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        status = stub.GetStatus(control_pb2.GetStatusRequest(), metadata=[("authorization", "Bearer s3cret")])
+        assert status.aspired.model_uri == "models:/credit-default@production"
+    finally:
+        app.stop(0)
+
+
+def test_control_on_a_public_address_without_token_is_refused(tracking_uri: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="control_token"):
+        ServingApp(server_settings(tracking_uri, tmp_path, control_address="0.0.0.0:0"))
+
+
+def test_metrics_count_requests_rows_and_model(app: ServingApp, client: ScoringClient) -> None:
+    client.score(rows(5))
+    _error(lambda: client.score([]))
+    registry = app.metrics.registry
+    method = "tabserve.scoring.v1.Scoring/Score"
+    assert registry.get_sample_value("tabserve_server_requests_total", {"method": method, "code": "OK"}) == 1
+    assert registry.get_sample_value(
+        "tabserve_server_requests_total", {"method": method, "code": "INVALID_ARGUMENT"}) == 1
+    assert registry.get_sample_value("tabserve_server_rows_scored_total") is not None
+    assert registry.get_sample_value(
+        "tabserve_server_model_info", {"model_name": "credit-default", "model_version": "1", "loaded_from": "registry"}
+    ) == 1
+    assert registry.get_sample_value("tabserve_server_prediction_score_count") == 5
+    assert registry.get_sample_value("tabserve_server_request_duration_seconds_count", {"method": method}) == 2
