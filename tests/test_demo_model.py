@@ -15,7 +15,6 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
-
 from tabserve_server import demo_model
 from tabserve_server.demo_model import (
     FEATURE_NAMES,
@@ -55,7 +54,12 @@ def _auc(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]) -> floa
 
 
 def _versions(uri: str, name: str) -> list[str]:
-    return sorted(mv.version for mv in MlflowClient(uri, uri).search_model_versions(f"name='{name}'"))
+    return sorted(str(mv.version) for mv in MlflowClient(uri, uri).search_model_versions(f"name='{name}'"))
+
+
+def _production(client: MlflowClient, name: str) -> str:
+    # The SQLite store returns an int version from get_model_version_by_alias, a str elsewhere.
+    return str(client.get_model_version_by_alias(name, "production").version)
 
 
 def test_feature_names_are_stable_identifiers() -> None:
@@ -121,7 +125,7 @@ def test_bootstrap_registers_once_and_cli_adds_a_version(
 
     client = MlflowClient(uri, uri)
     version = client.get_model_version_by_alias("credit-default", "production")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     assert client.get_model_version("credit-default", "1").status == "READY"
     params = client.get_run(version.run_id).data.params
     assert float(params["optimal_threshold"]) == pytest.approx(0.48)
@@ -131,7 +135,7 @@ def test_bootstrap_registers_once_and_cli_adds_a_version(
 
     assert demo_model.main(["--data-dir", str(data_dir), "--set-alias", "production"]) == 0
     assert "registered credit-default version 2 (alias production -> 2)" in capsys.readouterr().out
-    assert client.get_model_version_by_alias("credit-default", "production").version == "2"
+    assert _production(client, "credit-default") == "2"
     assert client.get_run(client.get_model_version("credit-default", "2").run_id).data.params["seed"] == "2"
 
 
@@ -139,18 +143,21 @@ def test_register_moves_alias_and_sets_stage(tracking_uri: str) -> None:
     name = "alias-model"
     first = register_demo_version(tracking_uri, name, seed=1, threshold=0.3)
     client = MlflowClient(tracking_uri, tracking_uri)
-    assert client.get_model_version_by_alias(name, "production").version == first
+    assert _production(client, name) == first
 
     second = register_demo_version(tracking_uri, name, seed=2, alias="production", stage="Staging")
     assert second != first
-    assert client.get_model_version_by_alias(name, "production").version == second
+    assert _production(client, name) == second
     assert client.get_model_version(name, second).current_stage == "Staging"
     assert client.get_model_version(name, first).current_stage == "None"
 
     third = register_demo_version(tracking_uri, name, seed=3, alias=None)
-    assert client.get_model_version_by_alias(name, "production").version == second
+    assert _production(client, name) == second
     assert client.get_model_version(name, third).status == "READY"
-    assert float(client.get_run(client.get_model_version(name, first).run_id).data.params["optimal_threshold"]) == 0.3
+    assert (
+        float(client.get_run(client.get_model_version(name, first).run_id).data.params["optimal_threshold"])
+        == 0.3
+    )
 
 
 def test_missing_artifacts_breaks_downloads(tracking_uri: str, tmp_path: Path) -> None:
@@ -158,7 +165,7 @@ def test_missing_artifacts_breaks_downloads(tracking_uri: str, tmp_path: Path) -
     version = register_demo_version(tracking_uri, name, seed=1, broken="missing_artifacts")
     client = MlflowClient(tracking_uri, tracking_uri)
     assert client.get_model_version(name, version).status == "READY"
-    assert client.get_model_version_by_alias(name, "production").version == version
+    assert _production(client, name) == version
     try:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp_path))
     except Exception:  # the download itself may fail: that is broken enough

@@ -222,7 +222,8 @@ class ModelLoader:
             name = aspired.model_name or "model"
             return ResolvedVersion(
                 name=name, version=aspired.version or f"run-{runs['run'][:8]}", run_id=runs["run"],
-                download_uri=uri, loaded_from=LoadedFrom.REGISTRY, version_tags={},
+                download_uri=self._run_model_uri(runs["run"], runs["path"]), loaded_from=LoadedFrom.REGISTRY,
+                version_tags={},
             )
         path = Path(uri.removeprefix("file://"))
         if path.is_dir():
@@ -254,6 +255,18 @@ class ModelLoader:
             raise
         except Exception as exc:
             raise _wrap(f"resolving {name}@{alias}" if alias else f"resolving {name}/{ref}", exc) from exc
+
+    def _run_model_uri(self, run_id: str, path: str) -> str:
+        """MLflow 3 logs models as LoggedModels outside the run's artifacts: find the one named `path`."""
+        try:
+            run = self.client.get_run(run_id)
+            found = self.client.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run_id}' AND name = '{path}'",
+            )
+        except Exception as exc:
+            raise _wrap(f"resolving runs:/{run_id}/{path}", exc) from exc
+        return f"models:/{found[0].model_id}" if found else f"runs:/{run_id}/{path}"
 
     def _download(self, uri: str, directory: Path) -> None:
         import mlflow
