@@ -17,7 +17,9 @@ from tabserve_server.settings import ENV_PREFIX, ServerSettings
 MODEL_NAME = "credit-default"
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll `condition` until it returns something truthy; bounded by `timeout`."""
     deadline = time.monotonic() + timeout
     while True:

@@ -156,12 +156,13 @@ class ScoringClient:
         elif isinstance(rows, Mapping):
             request.named.rows.add().features.update(rows)
         elif hasattr(rows, "columns") and hasattr(rows, "to_numpy"):  # pandas without importing it
+            frame: Any = rows
             names = self.feature_names()
-            columns = [str(c) for c in rows.columns]
+            columns = [str(c) for c in frame.columns]
             if sorted(columns) == sorted(names):
-                self._fill_matrix(request, rows[list(names)].to_numpy(dtype=np.float64))
+                self._fill_matrix(request, frame[list(names)].to_numpy(dtype=np.float64))
             else:  # let the server name the offending column
-                self._fill_named(request, rows.to_dict(orient="records"))
+                self._fill_named(request, frame.to_dict(orient="records"))
         else:
             self._fill_named(request, rows)
         response = self._call(self._stub.Score, request, timeout)

@@ -372,7 +372,7 @@ def _delete_model_file(client: MlflowClient, model_name: str, version: str) -> l
             path.unlink()
         return [str(path) for path in deleted]
     # Remote store (e.g. mlflow-artifacts:/ proxied by a tracking server): go through its repository.
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: PLC0415
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     repo: Any = get_artifact_repository(artifact_uri)
     found: list[str] = []

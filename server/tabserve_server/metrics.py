@@ -89,7 +89,9 @@ class ServerMetrics:
             PREFIX + "model_load_failing", "1 while the aspired version failed to load and is not served.",
             registry=registry,
         )
-        self.serving = Gauge(PREFIX + "serving", "1 when a model is loaded and requests are accepted.", registry=registry)
+        self.serving = Gauge(
+            PREFIX + "serving", "1 when a model is loaded and requests are accepted.", registry=registry
+        )
         self.scores = ScoreHistogram()
         registry.register(self.scores)
         self._served_labels: tuple[str, str, str] | None = None

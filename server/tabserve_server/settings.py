@@ -34,6 +34,13 @@ def _parse(kind: Any, raw: str) -> Any:
     return raw
 
 
+def _parser(kind: Any) -> Any:
+    def parse(raw: str) -> Any:
+        return _parse(kind, raw)
+
+    return parse
+
+
 def _base_type(annotation: Any) -> Any:
     """int | None -> int; str -> str."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -60,7 +67,7 @@ def load_settings(
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=lambda raw, k=kind: _parse(k, raw),
+            type=_parser(kind),
             default=None,
             help=f"{f.metadata.get('help', '')} [env {env_name}; default {f.default!r}]",
         )

@@ -318,7 +318,9 @@ class ModelLoader:
             threshold_source=source, flavor=flavor, predictor=predictor,
         )
 
-    def _predictor(self, directory: Path, mlmodel: Any, resolved: ResolvedVersion) -> tuple[str, Predictor, FeatureSchema]:
+    def _predictor(
+        self, directory: Path, mlmodel: Any, resolved: ResolvedVersion
+    ) -> tuple[str, Predictor, FeatureSchema]:
         flavors: Mapping[str, Any] = mlmodel.flavors
         signature_schema = _signature_schema(mlmodel)
         lgb_conf = flavors.get("lightgbm")
@@ -338,9 +340,9 @@ class ModelLoader:
                 raise ModelLoadError(
                     f"signature has {len(schema)} features, the booster {booster.num_feature()}"
                 )
-            if signature_schema and not all(n.startswith("Column_") for n in booster_names):
-                if tuple(booster_names) != schema.names:
-                    raise ModelLoadError("signature feature names do not match the booster's feature names")
+            named = signature_schema is not None and not all(n.startswith("Column_") for n in booster_names)
+            if named and tuple(booster_names) != schema.names:
+                raise ModelLoadError("signature feature names do not match the booster's feature names")
             threads = self.config.predict_threads or (os.cpu_count() or 1)
             return "lightgbm", LightGBMPredictor(booster, threads), schema
         if "python_function" not in flavors:

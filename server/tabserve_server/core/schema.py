@@ -118,7 +118,9 @@ class FeatureSchema:
             bad = np.argwhere(np.isinf(matrix))
             if len(bad):
                 r, c = bad[0]
-                raise InvalidInput(f"row {r}: feature {self.names[c]!r} is {matrix[r, c]} (infinite values are rejected)")
+                raise InvalidInput(
+                    f"row {r}: feature {self.names[c]!r} is {matrix[r, c]} (infinite values are rejected)"
+                )
         if self._integral_columns.size:
             sub = matrix[:, self._integral_columns]
             bad = np.argwhere(~np.isnan(sub) & (sub != np.round(sub)))

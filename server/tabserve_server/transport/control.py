@@ -30,7 +30,7 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
     return stamp
 
 
-class ControlServicer(control_pb2_grpc.ModelControlServicer):  # type: ignore[misc]
+class ControlServicer(control_pb2_grpc.ModelControlServicer):
     def __init__(self, manager: ModelManager, token: str, accepting: Any) -> None:
         self._manager = manager
         self._token = token

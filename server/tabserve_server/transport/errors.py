@@ -20,5 +20,5 @@ STATUS_OF: dict[type[errors.ServingError], grpc.StatusCode] = {
 def status_of(exc: errors.ServingError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL

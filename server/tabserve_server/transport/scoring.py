@@ -31,7 +31,7 @@ def decode_rows(request: Any) -> RowBatch:
     raise InvalidInput("empty request: set named, dense or matrix rows")
 
 
-class ScoringServicer(scoring_pb2_grpc.ScoringServicer):  # type: ignore[misc]
+class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
 
