@@ -68,7 +68,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def small_csv(tmp_path: Path, applicants: Path, n: int = 3) -> tuple[list[str], list[list[str]]]:
+def small_csv(applicants: Path, n: int = 3) -> tuple[list[str], list[list[str]]]:
     header, rows = read_csv(applicants)
     return header, rows[:n]
 
@@ -106,7 +106,7 @@ def test_scores_the_example_file(
 def test_jsonl_input_and_output(
     target: str, client: ScoringClient, applicants: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    header, rows = small_csv(tmp_path, applicants, 5)
+    header, rows = small_csv(applicants, 5)
     records = []
     for row in rows:
         record: dict[str, object] = {"applicant_id": row[0]}
@@ -132,11 +132,10 @@ def test_stdin_input_with_missing_tokens(
     target: str,
     client: ScoringClient,
     applicants: Path,
-    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    header, rows = small_csv(tmp_path, applicants, 3)
+    header, rows = small_csv(applicants, 3)
     rows[0][header.index("savings_balance")] = "NA"
     rows[1][header.index("checking_balance")] = "nan"
     buffer = io.StringIO()
@@ -152,7 +151,7 @@ def test_stdin_input_with_missing_tokens(
 
 
 def test_without_id_column(target: str, applicants: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    header, rows = small_csv(tmp_path, applicants, 2)
+    header, rows = small_csv(applicants, 2)
     source = write_lines(tmp_path / "noid.csv", [",".join(header[1:]), *(",".join(r[1:]) for r in rows)])
     code, out, err = run(["score", str(source), "--target", target], capsys)
     assert code == 0, err
@@ -202,7 +201,7 @@ def test_directory_and_non_utf8_and_empty_files(
 
 
 def test_unknown_column(target: str, applicants: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    header, rows = small_csv(tmp_path, applicants)
+    header, rows = small_csv(applicants)
     source = write_lines(
         tmp_path / "extra.csv", [",".join([*header, "shoe_size"]), *(",".join([*r, "42"]) for r in rows)]
     )
@@ -212,7 +211,7 @@ def test_unknown_column(target: str, applicants: Path, tmp_path: Path, capsys: p
 
 
 def test_missing_columns(target: str, applicants: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    header, rows = small_csv(tmp_path, applicants)
+    header, rows = small_csv(applicants)
     drop = {header.index("age"), header.index("credit_score")}
     keep = [i for i in range(len(header)) if i not in drop]
     source = write_lines(
@@ -225,7 +224,7 @@ def test_missing_columns(target: str, applicants: Path, tmp_path: Path, capsys: 
 def test_non_numeric_value_names_line_and_column(
     target: str, applicants: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    header, rows = small_csv(tmp_path, applicants, 4)
+    header, rows = small_csv(applicants, 4)
     rows[2][header.index("annual_income")] = "abc"
     source = write_lines(tmp_path / "text.csv", [",".join(header), *(",".join(r) for r in rows)])
     code, out, err = run(["score", str(source), "--target", target], capsys)
@@ -251,7 +250,7 @@ def test_server_error_names_the_input_row(
     target: str, applicants: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The server rejects infinity and names the row of its request; the CLI adds the batch offset."""
-    header, rows = small_csv(tmp_path, applicants, 6)
+    header, rows = small_csv(applicants, 6)
     rows[5][header.index("age")] = "inf"  # row 5 of the input, line 7, row 1 of the third batch of 2
     source = write_lines(tmp_path / "inf.csv", [",".join(header), *(",".join(r) for r in rows)])
     code, out, err = run(["score", str(source), "--target", target, "--batch-size", "2"], capsys)

@@ -38,7 +38,7 @@ def _restore_mlflow_uris(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite registry for the tests below; each test registers its own model name."""
     return embedded_paths(tmp_path_factory.mktemp("registry")).tracking_uri
 
@@ -57,6 +57,13 @@ def _versions(uri: str, name: str) -> list[str]:
     return sorted(str(mv.version) for mv in MlflowClient(uri, uri).search_model_versions(f"name='{name}'"))
 
 
+def _params(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    run_id = client.get_model_version(name, version).run_id
+    assert run_id is not None
+    params: dict[str, str] = client.get_run(run_id).data.params
+    return params
+
+
 def _production(client: MlflowClient, name: str) -> str:
     # The SQLite store returns an int version from get_model_version_by_alias, a str elsewhere.
     return str(client.get_model_version_by_alias(name, "production").version)
@@ -67,9 +74,7 @@ def test_feature_names_are_stable_identifiers() -> None:
     assert len(set(FEATURE_NAMES)) == 189
     assert all(name.isidentifier() for name in FEATURE_NAMES)
     assert FEATURE_NAMES[:3] == ("age", "annual_income", "employment_years")
-    assert {"debt_to_income", "bureau_inquiries_6m", "utilization_m01", "payment_delay_m12"} <= set(
-        FEATURE_NAMES
-    )
+    assert {"debt_to_income", "bureau_inquiries_6m", "utilization_m01", "payment_delay_m12"} <= set(FEATURE_NAMES)
 
 
 def test_make_applicants_shape_missing_values_and_determinism() -> None:
@@ -113,9 +118,7 @@ def test_auc_helper() -> None:
     assert _auc(labels, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
 
 
-def test_bootstrap_registers_once_and_cli_adds_a_version(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bootstrap_registers_once_and_cli_adds_a_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data_dir = tmp_path / "data"
     uri = bootstrap_embedded_registry(data_dir)
     paths = embedded_paths(data_dir)
@@ -127,7 +130,7 @@ def test_bootstrap_registers_once_and_cli_adds_a_version(
     version = client.get_model_version_by_alias("credit-default", "production")
     assert str(version.version) == "1"
     assert client.get_model_version("credit-default", "1").status == "READY"
-    params = client.get_run(version.run_id).data.params
+    params = _params(client, "credit-default", "1")
     assert float(params["optimal_threshold"]) == pytest.approx(0.48)
 
     assert bootstrap_embedded_registry(data_dir) == uri
@@ -136,34 +139,31 @@ def test_bootstrap_registers_once_and_cli_adds_a_version(
     assert demo_model.main(["--data-dir", str(data_dir), "--set-alias", "production"]) == 0
     assert "registered credit-default version 2 (alias production -> 2)" in capsys.readouterr().out
     assert _production(client, "credit-default") == "2"
-    assert client.get_run(client.get_model_version("credit-default", "2").run_id).data.params["seed"] == "2"
+    assert _params(client, "credit-default", "2")["seed"] == "2"
 
 
-def test_register_moves_alias_and_sets_stage(tracking_uri: str) -> None:
+def test_register_moves_alias_and_sets_stage(registry_uri: str) -> None:
     name = "alias-model"
-    first = register_demo_version(tracking_uri, name, seed=1, threshold=0.3)
-    client = MlflowClient(tracking_uri, tracking_uri)
+    first = register_demo_version(registry_uri, name, seed=1, threshold=0.3)
+    client = MlflowClient(registry_uri, registry_uri)
     assert _production(client, name) == first
 
-    second = register_demo_version(tracking_uri, name, seed=2, alias="production", stage="Staging")
+    second = register_demo_version(registry_uri, name, seed=2, alias="production", stage="Staging")
     assert second != first
     assert _production(client, name) == second
     assert client.get_model_version(name, second).current_stage == "Staging"
     assert client.get_model_version(name, first).current_stage == "None"
 
-    third = register_demo_version(tracking_uri, name, seed=3, alias=None)
+    third = register_demo_version(registry_uri, name, seed=3, alias=None)
     assert _production(client, name) == second
     assert client.get_model_version(name, third).status == "READY"
-    assert (
-        float(client.get_run(client.get_model_version(name, first).run_id).data.params["optimal_threshold"])
-        == 0.3
-    )
+    assert float(_params(client, name, first)["optimal_threshold"]) == 0.3
 
 
-def test_missing_artifacts_breaks_downloads(tracking_uri: str, tmp_path: Path) -> None:
+def test_missing_artifacts_breaks_downloads(registry_uri: str, tmp_path: Path) -> None:
     name = "missing-artifacts-model"
-    version = register_demo_version(tracking_uri, name, seed=1, broken="missing_artifacts")
-    client = MlflowClient(tracking_uri, tracking_uri)
+    version = register_demo_version(registry_uri, name, seed=1, broken="missing_artifacts")
+    client = MlflowClient(registry_uri, registry_uri)
     assert client.get_model_version(name, version).status == "READY"
     assert _production(client, name) == version
     try:
@@ -173,9 +173,9 @@ def test_missing_artifacts_breaks_downloads(tracking_uri: str, tmp_path: Path) -
     assert not list(Path(local).rglob("model.lgb"))
 
 
-def test_wrong_features_changes_the_schema(tracking_uri: str) -> None:
+def test_wrong_features_changes_the_schema(registry_uri: str) -> None:
     name = "wrong-features-model"
-    version = register_demo_version(tracking_uri, name, seed=1, broken="wrong_features")
+    version = register_demo_version(registry_uri, name, seed=1, broken="wrong_features")
     uri = f"models:/{name}/{version}"
     booster = mlflow.lightgbm.load_model(uri)
     names = booster.feature_name()
@@ -188,11 +188,11 @@ def test_wrong_features_changes_the_schema(tracking_uri: str) -> None:
     assert signature.inputs.input_names() == names
 
 
-def test_good_version_has_matching_schema_and_local_artifacts(tracking_uri: str) -> None:
+def test_good_version_has_matching_schema_and_local_artifacts(registry_uri: str) -> None:
     name = "good-model"
-    version = register_demo_version(tracking_uri, name, seed=1)
-    client = MlflowClient(tracking_uri, tracking_uri)
-    db_file = Path(tracking_uri.removeprefix("sqlite:///"))
+    version = register_demo_version(registry_uri, name, seed=1)
+    client = MlflowClient(registry_uri, registry_uri)
+    db_file = Path(registry_uri.removeprefix("sqlite:///"))
     location = client.get_model_version_download_uri(name, version)
     assert location.startswith((db_file.parent / "artifacts").as_uri()), "artifacts next to the SQLite db"
     uri = f"models:/{name}/{version}"
@@ -204,9 +204,9 @@ def test_good_version_has_matching_schema_and_local_artifacts(tracking_uri: str)
     np.testing.assert_allclose(booster.predict(features), train_booster(seed=1).predict(features))
 
 
-def test_rejects_unknown_broken_mode(tracking_uri: str) -> None:
+def test_rejects_unknown_broken_mode(registry_uri: str) -> None:
     with pytest.raises(ValueError, match="broken"):
-        register_demo_version(tracking_uri, "never-registered", broken="nope")
+        register_demo_version(registry_uri, "never-registered", broken="nope")
 
 
 def test_write_example_applicants(tmp_path: Path) -> None:

@@ -110,7 +110,9 @@ def _column_mismatch(columns: Sequence[str], info: ModelInfo, id_column: str, wh
         problems.append(f"unknown column{'s' if len(unknown) > 1 else ''} {_quote_list(unknown)}")
     if missing:
         problems.append(f"missing column{'s' if len(missing) > 1 else ''} {_quote_list(missing)}")
-    hint = f" (the id column is {id_column!r}, see --id-column)" if unknown and id_column else ""
+    hint = ""
+    if unknown and id_column and id_column not in present:
+        hint = f" (the id column is {id_column!r}, see --id-column)"
     return (
         f"{where}the columns do not match the {len(features)} features of "
         f"{info.name} version {info.version}: " + "; ".join(problems) + hint
@@ -156,9 +158,7 @@ def _read_csv(
         try:
             header = [c.strip() for c in next(reader)]
         except StopIteration:
-            raise CannotReadError(
-                name, "the file is empty (expected a header line of column names)"
-            ) from None
+            raise CannotReadError(name, "the file is empty (expected a header line of column names)") from None
         seen: set[str] = set()
         for column in header:
             if column in seen:
@@ -201,9 +201,7 @@ def _read_jsonl(
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CannotReadError(
-                name, f"line {line}: invalid JSON ({exc.msg} at column {exc.colno})"
-            ) from None
+            raise CannotReadError(name, f"line {line}: invalid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(obj, dict):
             raise CannotReadError(name, f"line {line}: expected a JSON object, got {type(obj).__name__}")
         if info is None or parsed is None:
@@ -295,9 +293,7 @@ def _score_all(client: ScoringClient, parsed: ParsedInput) -> list[ScoreBatch]:
     return results
 
 
-def _output_rows(
-    parsed: ParsedInput, results: Sequence[ScoreBatch]
-) -> Iterator[tuple[Any, float, bool, ScoreBatch]]:
+def _output_rows(parsed: ParsedInput, results: Sequence[ScoreBatch]) -> Iterator[tuple[Any, float, bool, ScoreBatch]]:
     index = 0
     for batch in results:
         for score, decision in zip(batch.scores.tolist(), batch.decisions.tolist(), strict=True):
@@ -305,9 +301,7 @@ def _output_rows(
             index += 1
 
 
-def _write_output(
-    out: IO[str], fmt: str, id_column: str, parsed: ParsedInput, results: Sequence[ScoreBatch]
-) -> None:
+def _write_output(out: IO[str], fmt: str, id_column: str, parsed: ParsedInput, results: Sequence[ScoreBatch]) -> None:
     if fmt == "jsonl":
         for row_id, score, decision, batch in _output_rows(parsed, results):
             record: dict[str, Any] = {id_column: row_id} if parsed.has_ids else {}

@@ -232,9 +232,7 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
         pay_fraction = _sigmoid(pay_fraction_mean + rng.normal(0.0, 0.8, n))
         c[f"payment_amount_{suffix}"] = np.round(balance * pay_fraction, 2)
         advance = rng.random(n) < advance_rate
-        c[f"cash_advance_amount_{suffix}"] = np.where(
-            advance, np.round(rng.lognormal(math.log(300), 0.8, n), 2), 0.0
-        )
+        c[f"cash_advance_amount_{suffix}"] = np.where(advance, np.round(rng.lognormal(math.log(300), 0.8, n), 2), 0.0)
         c[f"num_transactions_{suffix}"] = _as_float(rng.poisson(25.0, n))
         c[f"overdraft_count_{suffix}"] = _as_float(rng.poisson(0.1 * np.exp(0.8 * risk)))
         paid = rng.random(n) > 0.03
@@ -510,9 +508,7 @@ def bootstrap_embedded_registry(
     started = time.monotonic()
     logger.info("bootstrapping embedded registry %s with a demo %s model", uri, model_name)
     _ensure_experiment(client, paths.artifacts_dir.as_uri())
-    version = register_demo_version(
-        uri, model_name, seed=BOOTSTRAP_SEED, threshold=threshold, alias=DEFAULT_ALIAS
-    )
+    version = register_demo_version(uri, model_name, seed=BOOTSTRAP_SEED, threshold=threshold, alias=DEFAULT_ALIAS)
     logger.info(
         "bootstrapped %s version %s@%s in %.1fs",
         model_name,

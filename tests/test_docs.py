@@ -1,0 +1,25 @@
+"""The README stays in sync with the code it documents."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from tabserve_server.metrics import ServerMetrics
+from tabserve_server.settings import ENV_PREFIX, ServerSettings, settings_table
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    assert settings_table(ServerSettings, ENV_PREFIX) in README
+
+
+def test_every_server_metric_is_listed() -> None:
+    registry = CollectorRegistry()
+    ServerMetrics(registry)
+    names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
+    listed = set(re.findall(r"`(tabserve_server_[a-z_]+)`", README))
+    assert names and names == listed
