@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tabserve_client import ScoringClient
 from tabserve_client.cli import main
 from tabserve_server.app import ServingApp

@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
+
 from tabserve_server import demo_model
 from tabserve_server.demo_model import (
     FEATURE_NAMES,

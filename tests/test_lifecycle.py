@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow.models import infer_signature
+
 from tabserve_client import ScoringClient, ScoringError
 from tabserve_server.demo_model import FEATURE_NAMES
-
 from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
 
 SLOW_MODEL = "slow-model"

@@ -15,11 +15,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from prometheus_client import CollectorRegistry
+
 from tabserve_server.app import ServingApp
 from tabserve_server.core.loading import ModelLoader
 from tabserve_server.core.model import AspiredVersion, LoadedFrom
 from tabserve_server.demo_model import bootstrap_embedded_registry, register_demo_version
-
 from tests.support import MODEL_NAME, server_settings, wait_for
 
 

@@ -9,12 +9,12 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ScoringClient, ScoringError
 from tabserve_server.app import ServingApp
 from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
-
 from tests.support import server_settings, wait_for
 
 

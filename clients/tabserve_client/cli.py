@@ -275,9 +275,11 @@ def _with_offset(details: str, offset: int, lines: Sequence[int]) -> str:
     return _ROW_IN_DETAILS.sub(replace, details)
 
 
-def _score_all(client: ScoringClient, parsed: ParsedInput) -> list[ScoreBatch]:
+def _score_all(client: ScoringClient, parsed: ParsedInput, info: ModelInfo) -> list[ScoreBatch]:
+    """Score every batch; the matrices are in `info`'s feature order, so a version swap mid-run is checked."""
     results = []
     offset = 0
+    known = {(info.name, info.version)}
     for matrix in parsed.batches:
         try:
             batch = client.score(matrix)
@@ -288,6 +290,16 @@ def _score_all(client: ScoringClient, parsed: ParsedInput) -> list[ScoreBatch]:
                 grpc.StatusCode.INTERNAL,
                 f"asked for {matrix.shape[0]} scores, the server returned {len(batch)}",
             )
+        if (batch.model_name, batch.model_version) not in known:
+            # Matrices carry no column names: make sure the new version reads them in the same order.
+            current = client.model_info()
+            if current.feature_names != info.feature_names:
+                raise ScoringError(
+                    grpc.StatusCode.ABORTED,
+                    f"the server switched from {info.name} version {info.version} to {current.name} version "
+                    f"{current.version} with different features during scoring; run the command again",
+                )
+            known.add((batch.model_name, batch.model_version))
         results.append(batch)
         offset += matrix.shape[0]
     return results
@@ -331,7 +343,7 @@ def _write_output(out: IO[str], fmt: str, id_column: str, parsed: ParsedInput, r
 
 def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
     parsed, info = _read_input(client, args)
-    results = _score_all(client, parsed)
+    results = _score_all(client, parsed, info)
     if args.output in (None, "-"):
         _write_output(sys.stdout, args.output_format, args.id_column, parsed, results)
         sys.stdout.flush()

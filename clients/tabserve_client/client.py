@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 
 SCORING_SERVICE = "tabserve.scoring.v1.Scoring"
@@ -129,6 +130,7 @@ class ScoringClient:
         self._stub = scoring_pb2_grpc.ScoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._feature_names: tuple[str, ...] | None = None
+        self._feature_version = ""
 
     def __enter__(self) -> ScoringClient:
         return self
@@ -151,10 +153,26 @@ class ScoringClient:
         NaN means "missing". Raises ScoringError on failure.
         """
         request = scoring_pb2.ScoreRequest(model_name=model_name)
+        try:
+            self._fill(request, rows)
+        except (TypeError, ValueError) as exc:  # bad input found before sending: same contract as the server
+            raise ScoringError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot encode rows: {exc}") from None
+        response = self._call(self._stub.Score, request, timeout)
+        if self._feature_names is not None and response.model_version != self._feature_version:
+            self._feature_names = None  # a new version may order its features differently
+        return ScoreBatch(
+            model_name=response.model_name,
+            model_version=response.model_version,
+            threshold=response.threshold,
+            scores=np.asarray(response.scores, dtype=np.float64),
+            decisions=np.asarray(response.decisions, dtype=bool),
+        )
+
+    def _fill(self, request: Any, rows: Rows) -> None:
         if isinstance(rows, np.ndarray):
             self._fill_matrix(request, rows)
         elif isinstance(rows, Mapping):
-            request.named.rows.add().features.update(rows)
+            self._fill_named(request, [rows])
         elif hasattr(rows, "columns") and hasattr(rows, "to_numpy"):  # pandas without importing it
             frame: Any = rows
             names = self.feature_names()
@@ -165,14 +183,6 @@ class ScoringClient:
                 self._fill_named(request, frame.to_dict(orient="records"))
         else:
             self._fill_named(request, rows)
-        response = self._call(self._stub.Score, request, timeout)
-        return ScoreBatch(
-            model_name=response.model_name,
-            model_version=response.model_version,
-            threshold=response.threshold,
-            scores=np.asarray(response.scores, dtype=np.float64),
-            decisions=np.asarray(response.decisions, dtype=bool),
-        )
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Identity, provenance, feature schema and threshold of the live model version."""
@@ -184,14 +194,14 @@ class ScoringClient:
             requested_uri=m.requested_uri,
             source_uri=m.source_uri,
             loaded_from=scoring_pb2.LoadedFrom.Name(m.loaded_from).removeprefix("LOADED_FROM_").lower(),
-            loaded_at=m.loaded_at.ToDatetime(),
+            loaded_at=m.loaded_at.ToDatetime(tzinfo=UTC),
             load_duration_seconds=m.load_duration_seconds,
             features=tuple(Feature(f.name, f.type) for f in m.features),
             threshold=m.threshold,
             threshold_source=m.threshold_source,
             flavor=m.flavor,
         )
-        self._feature_names = info.feature_names
+        self._feature_names, self._feature_version = info.feature_names, info.version
         return info
 
     def feature_names(self) -> tuple[str, ...]:

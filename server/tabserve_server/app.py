@@ -18,9 +18,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+
 from tabserve.control.v1 import control_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-
 from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.core.loading import LoaderConfig, ModelLoader, configure_mlflow, model_name_from_uri
 from tabserve_server.core.manager import ModelManager

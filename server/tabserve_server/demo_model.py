@@ -319,7 +319,7 @@ def _default_artifact_location(tracking_uri: str) -> str | None:
     if not tracking_uri.startswith(prefix):
         return None
     db_path = Path(tracking_uri.removeprefix(prefix).split("?", 1)[0])
-    if not db_path.is_absolute() or str(db_path) == ":memory:":
+    if not db_path.is_absolute():
         db_path = Path.cwd() / db_path
     return (db_path.parent / "artifacts").as_uri()
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
 
+from tabserve.control.v1 import control_pb2, control_pb2_grpc
 from tabserve_server.core.loading import model_name_from_uri
 from tabserve_server.core.manager import LoadState, ModelManager
 from tabserve_server.core.model import AspiredVersion

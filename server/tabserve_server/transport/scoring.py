@@ -6,8 +6,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 
+from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_server.core.dataplane import DataPlane, RowBatch
 from tabserve_server.core.model import LoadedFrom
 from tabserve_server.errors import InvalidInput
