@@ -22,10 +22,14 @@ SLOW_MODEL = "slow-model"
 
 
 @pytest.fixture(scope="module")
-def slow_model_uri(tracking_uri: str) -> str:
+def slow_model_uri(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A registered pyfunc model (models-from-code) that sleeps on rows whose first value is 777."""
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    artifacts = tmp_path_factory.mktemp("slow-model-artifacts")
+    if mlflow.get_experiment_by_name("slow-model") is None:
+        mlflow.create_experiment("slow-model", artifact_location=artifacts.as_uri())
+    mlflow.set_experiment("slow-model")
     frame = pd.DataFrame(np.zeros((2, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(
