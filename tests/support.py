@@ -60,6 +60,7 @@ class ServerProcess:
             [sys.executable, "-m", "tabserve_server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )
+        self._stderr: str | None = None
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -80,7 +81,10 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def stderr(self) -> str:
-        return self.proc.stderr.read() if self.proc.stderr else ""
+        """Everything the process wrote to stderr (call after it exited); read once, then cached."""
+        if self._stderr is None:
+            self._stderr = self.proc.stderr.read() if self.proc.stderr else ""
+        return self._stderr
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -89,3 +93,6 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()

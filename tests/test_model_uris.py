@@ -103,11 +103,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on loopback with a SQLite backend (about 20 s to come up)."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), env={**os.environ},  # noqa: SIM115
+        stdout=subprocess.DEVNULL, stderr=log, env={**os.environ},
     )
     url = f"http://127.0.0.1:{port}"
 
@@ -127,6 +128,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(10)
+        log.close()
 
 
 @pytest.mark.mlflow_server
