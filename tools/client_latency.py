@@ -15,12 +15,12 @@ from pathlib import Path
 
 import lightgbm
 import numpy as np
-from tabserve_client import ScoringClient
 
+from tabserve_client import ScoringClient
 from tabserve_server.demo_model import bootstrap_embedded_registry, embedded_paths, make_applicants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for  # noqa: E402
+from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -55,7 +55,8 @@ def main() -> int:
                 local.append(time.perf_counter() - started)
             results[label] = (percentiles(rpc), percentiles(local), calls)
         server.terminate()
-    print(f"{'request':<10} {'calls':>6} {'client p50 ms':>14} {'client p99 ms':>14} {'predict p50 ms':>15} {'ratio p50':>10}")
+    header = ("request", "calls", "client p50 ms", "client p99 ms", "predict p50 ms", "ratio p50")
+    print("{:<10} {:>6} {:>14} {:>14} {:>15} {:>10}".format(*header))
     for label, ((p50, p99), (l50, _), calls) in results.items():
         print(f"{label:<10} {calls:>6} {p50:>14.3f} {p99:>14.3f} {l50:>15.3f} {p50 / l50:>10.2f}")
     return 0
