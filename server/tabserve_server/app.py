@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from inference import open_inference_grpc_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from tabserve.control.v1 import control_pb2_grpc
@@ -29,6 +30,8 @@ from tabserve_server.metrics import ServerMetrics
 from tabserve_server.settings import ServerSettings
 from tabserve_server.transport.control import ControlServicer
 from tabserve_server.transport.edge import Edge
+from tabserve_server.transport.inference_v2 import SERVICE_NAME as INFERENCE_SERVICE
+from tabserve_server.transport.inference_v2 import InferenceServicer
 from tabserve_server.transport.scoring import ScoringServicer
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,7 @@ class ServingApp:
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
         )
-        self.public_services = [SCORING_SERVICE]
+        self.public_services = [SCORING_SERVICE, INFERENCE_SERVICE]
         self._accepting = False
         self._stopped = threading.Event()
         self._public: Any = None
@@ -116,6 +119,9 @@ class ServingApp:
             maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
         )
         scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(self.dataplane), self._public)
+        open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, self.accepting), self._public
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._public)
         names = [*self.public_services, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self._public)

@@ -20,6 +20,12 @@ from tabserve_server.transport.errors import status_of
 log = logging.getLogger(__name__)
 
 _EXEMPT = ("/grpc.health.v1.", "/grpc.reflection.")
+# Probes answer while not serving (that is their job), so they skip the drain check but not error mapping.
+_PROBES = (
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+)
 
 
 def check_deadline(context: grpc.ServicerContext) -> None:
@@ -44,7 +50,7 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._behavior(method.lstrip("/"), handler.unary_unary),
+                self._behavior(method.lstrip("/"), handler.unary_unary, probe=method in _PROBES),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -61,9 +67,11 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         child.inc()
         self._metrics.request_duration.labels(method).observe(seconds)
 
-    def _behavior(self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def _behavior(
+        self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any], probe: bool
+    ) -> Callable[..., Any]:
         metrics = self._metrics
-        accepting = self._accepting
+        accepting = None if probe else self._accepting
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()

@@ -1,0 +1,345 @@
+"""The Open Inference Protocol (KServe V2) front, driven by the real, unmodified `tritonclient[grpc]`.
+
+tritonclient 2.73 requires protobuf < 7 and this project pins protobuf >= 7.35.1, so the client runs
+in its own virtual environment (`.venv/tritonclient`, created on first use and reused; a stamp file
+records the installed version) as a subprocess that prints JSON; the tests compare its results with
+the project's own scoring API in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from inference import open_inference_grpc_pb2 as pb
+from inference import open_inference_grpc_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry
+
+from tabserve_client import ScoringClient
+from tabserve_server.app import ServingApp
+from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
+from tests.support import MODEL_NAME, server_settings, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+TRITONCLIENT = "tritonclient[grpc]==2.73.0"
+TRITON_VENV = ROOT / ".venv" / "tritonclient"
+SERVICE = "inference.GRPCInferenceService"
+
+# Runs inside the tritonclient venv: reads a list of operations (JSON on stdin), prints one result each.
+CLIENT_SCRIPT = r'''
+import base64, json, sys
+import numpy as np
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+spec = json.load(sys.stdin)
+client = tc.InferenceServerClient(spec["url"])
+arrays = {}
+
+def array(path):
+    if path not in arrays:
+        arrays[path] = np.load(path)
+    return arrays[path]
+
+def make_input(d):
+    data = array(d["npy"])
+    if "column" in d:
+        data = data[:, d["column"]]
+        data = data.reshape(-1, 1) if d.get("as_2d") else data.reshape(-1)
+    data = np.ascontiguousarray(data.astype(d["np_dtype"]))
+    tensor = tc.InferInput(d["name"], list(data.shape), d["datatype"])
+    tensor.set_data_from_numpy(data)
+    if "shape" in d:  # a shape that does not match the data: the byte length is then wrong
+        tensor.set_shape(d["shape"])
+    return tensor
+
+def run(op):
+    kind = op["op"]
+    if kind == "live":
+        return client.is_server_live()
+    if kind == "ready":
+        return client.is_server_ready()
+    if kind == "model_ready":
+        return client.is_model_ready(op["name"], op.get("version", ""))
+    if kind == "server_metadata":
+        return client.get_server_metadata(as_json=True)
+    if kind == "metadata":
+        return client.get_model_metadata(op["name"], op.get("version", ""), as_json=True)
+    if kind == "infer":
+        outputs = [tc.InferRequestedOutput(n) for n in op["outputs"]] if op.get("outputs") else None
+        result = client.infer(op["model"], [make_input(d) for d in op["inputs"]],
+                              model_version=op.get("version", ""), outputs=outputs, request_id=op.get("id", ""))
+        response = result.get_response()
+        out = {}
+        for tensor in response.outputs:
+            value = result.as_numpy(tensor.name)
+            out[tensor.name] = {"datatype": tensor.datatype, "shape": list(tensor.shape), "dtype": str(value.dtype),
+                                "b64": base64.b64encode(value.tobytes()).decode()}
+        return {"model_name": response.model_name, "model_version": response.model_version, "id": response.id,
+                "outputs": out}
+    raise ValueError(kind)
+
+results = []
+for op in spec["ops"]:
+    try:
+        results.append({"ok": True, "value": run(op)})
+    except InferenceServerException as e:
+        results.append({"ok": False, "status": str(e.status()), "message": e.message()})
+print(json.dumps(results))
+'''
+
+
+def _install_tritonclient() -> Path:
+    python = TRITON_VENV / "bin" / "python"
+    stamp = TRITON_VENV / ".installed"
+    if stamp.exists() and stamp.read_text() == TRITONCLIENT and python.exists():
+        return python
+    shutil.rmtree(TRITON_VENV, ignore_errors=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(TRITON_VENV)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", TRITONCLIENT, "numpy"],
+        check=True,
+    )
+    stamp.write_text(TRITONCLIENT)
+    return python
+
+
+@pytest.fixture(scope="session")
+def triton_python() -> Path:
+    """The python of a venv holding the real tritonclient (its protobuf < 7 cannot share ours)."""
+    return _install_tritonclient()
+
+
+@pytest.fixture
+def triton(triton_python: Path, app: ServingApp, tmp_path: Path) -> Any:
+    """Run operations through tritonclient against `app`; `triton(ops)` returns one result per op."""
+    script = tmp_path / "triton_client.py"
+    script.write_text(CLIENT_SCRIPT)
+
+    def run(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        spec = json.dumps({"url": f"127.0.0.1:{app.public_port}", "ops": ops})
+        done = subprocess.run(
+            [str(triton_python), str(script)], input=spec, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        results: list[dict[str, Any]] = json.loads(done.stdout)
+        return results
+
+    return run
+
+
+def rows(n: int, seed: int = 11) -> np.ndarray:
+    return make_applicants(n, seed=seed)[0]
+
+
+def save(tmp_path: Path, name: str, matrix: np.ndarray) -> str:
+    path = tmp_path / f"{name}.npy"
+    np.save(path, matrix)
+    return str(path)
+
+
+def matrix_input(npy: str, datatype: str = "FP64", **extra: Any) -> dict[str, Any]:
+    np_dtype = {"FP64": "float64", "FP32": "float32", "INT64": "int64"}[datatype]
+    return {"name": "input", "npy": npy, "datatype": datatype, "np_dtype": np_dtype, **extra}
+
+
+def decoded(output: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(output["b64"]), dtype=output["dtype"])
+
+
+def infer_op(inputs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"op": "infer", "model": MODEL_NAME, "inputs": inputs, **extra}
+
+
+def assert_invalid(result: dict[str, Any], *needles: str) -> None:
+    assert not result["ok"], result
+    assert result["status"] == "StatusCode.INVALID_ARGUMENT", result
+    for needle in needles:
+        assert needle in result["message"], result
+
+
+# --- tritonclient ------------------------------------------------------------------------------
+
+
+def test_liveness_readiness_and_metadata(triton: Any) -> None:
+    live, ready, model_ready, any_version, other_version, server, meta = triton([
+        {"op": "live"},
+        {"op": "ready"},
+        {"op": "model_ready", "name": MODEL_NAME, "version": "1"},
+        {"op": "model_ready", "name": MODEL_NAME},
+        {"op": "model_ready", "name": MODEL_NAME, "version": "2"},
+        {"op": "server_metadata"},
+        {"op": "metadata", "name": MODEL_NAME},
+    ])
+    assert live == ready == model_ready == any_version == {"ok": True, "value": True}
+    assert other_version == {"ok": True, "value": False}
+    assert server["value"]["name"] == "tabserve" and server["value"]["version"] == "0.1.0"
+    value = meta["value"]
+    assert value["name"] == MODEL_NAME and value["versions"] == ["1"] and value["platform"] == "lightgbm"
+    assert value["inputs"] == [{"name": "input", "datatype": "FP64", "shape": ["-1", str(len(FEATURE_NAMES))]}]
+    assert value["outputs"] == [
+        {"name": "score", "datatype": "FP64", "shape": ["-1"]},
+        {"name": "decision", "datatype": "BOOL", "shape": ["-1"]},
+    ]
+
+
+def test_infer_fp64_matches_the_scoring_api_bit_for_bit(
+    triton: Any, client: ScoringClient, tmp_path: Path
+) -> None:
+    one, thousand = rows(1, seed=1), rows(1000, seed=2)
+    results = triton([
+        infer_op([matrix_input(save(tmp_path, "one", one))], id="req-1"),
+        infer_op([matrix_input(save(tmp_path, "thousand", thousand))], version="1"),
+    ])
+    for matrix, result in zip((one, thousand), results, strict=True):
+        assert result["ok"], result
+        value = result["value"]
+        assert (value["model_name"], value["model_version"]) == (MODEL_NAME, "1")
+        expected = client.score(matrix)
+        score, decision = value["outputs"]["score"], value["outputs"]["decision"]
+        assert (score["datatype"], score["shape"], decision["datatype"]) == ("FP64", [len(matrix)], "BOOL")
+        np.testing.assert_array_equal(decoded(score), expected.scores)
+        assert decoded(score).tobytes() == np.asarray(expected.scores, dtype=np.float64).tobytes()
+        np.testing.assert_array_equal(decoded(decision), expected.decisions)
+    assert results[0]["value"]["id"] == "req-1"
+
+
+def test_infer_fp32_and_per_feature_tensors(triton: Any, client: ScoringClient, tmp_path: Path) -> None:
+    matrix = rows(25, seed=4)
+    npy = save(tmp_path, "m", matrix)
+    per_feature_2d = [
+        {"name": n, "npy": npy, "column": i, "as_2d": True, "datatype": "FP64", "np_dtype": "float64"}
+        for i, n in enumerate(FEATURE_NAMES)
+    ]
+    per_feature_1d = [
+        {"name": n, "npy": npy, "column": i, "datatype": "FP32", "np_dtype": "float32"}
+        for i, n in enumerate(FEATURE_NAMES)
+    ]
+    fp32, cols_2d, cols_1d, only_score = triton([
+        infer_op([matrix_input(npy, "FP32")]),
+        infer_op(per_feature_2d),
+        infer_op(per_feature_1d[::-1]),  # any order: tensors are matched by name
+        infer_op([matrix_input(npy)], outputs=["score"]),
+    ])
+    as_fp32 = matrix.astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(decoded(fp32["value"]["outputs"]["score"]), client.score(as_fp32).scores)
+    np.testing.assert_array_equal(decoded(cols_1d["value"]["outputs"]["score"]), client.score(as_fp32).scores)
+    np.testing.assert_array_equal(decoded(cols_2d["value"]["outputs"]["score"]), client.score(matrix).scores)
+    assert list(only_score["value"]["outputs"]) == ["score"]
+
+
+def test_invalid_tensors_are_invalid_argument_naming_the_tensor(triton: Any, tmp_path: Path) -> None:
+    matrix = rows(2)
+    npy = save(tmp_path, "m", matrix)
+    narrow = save(tmp_path, "narrow", matrix[:, :-1])
+    ints = save(tmp_path, "ints", np.zeros((2, len(FEATURE_NAMES)), dtype=np.int64))
+    wide_feature = {"name": FEATURE_NAMES[0], "npy": npy, "datatype": "FP64", "np_dtype": "float64"}
+    datatype, shape, length, feature_shape, output = triton([
+        infer_op([matrix_input(ints, "INT64")]),
+        infer_op([matrix_input(narrow)]),
+        infer_op([matrix_input(npy, shape=[3, len(FEATURE_NAMES)])]),
+        infer_op([wide_feature]),
+        infer_op([matrix_input(npy)], outputs=["probability"]),
+    ])
+    assert_invalid(datatype, "'input'", "INT64")
+    assert_invalid(shape, "'input'", f"[2, {len(FEATURE_NAMES) - 1}]")
+    assert_invalid(length, "'input'", "bytes")
+    assert_invalid(feature_shape, repr(FEATURE_NAMES[0]), "shape")
+    assert_invalid(output, "'probability'")
+
+
+def test_unknown_model_or_version_is_not_found(triton: Any, tmp_path: Path) -> None:
+    npy = save(tmp_path, "m", rows(2))
+    results = triton([
+        {"op": "infer", "model": "other-model", "inputs": [matrix_input(npy)]},
+        infer_op([matrix_input(npy)], version="2"),
+        {"op": "metadata", "name": "other-model"},
+        {"op": "metadata", "name": MODEL_NAME, "version": "2"},
+        {"op": "model_ready", "name": "other-model"},
+    ])
+    for result in results:
+        assert not result["ok"] and result["status"] == "StatusCode.NOT_FOUND", result
+
+
+# --- typed contents, health and reflection (the project's own grpc stack) -------------------------------
+
+
+def test_typed_contents_fp64_and_fp32(app: ServingApp, client: ScoringClient) -> None:
+    matrix = rows(3, seed=5)
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{app.public_port}"))
+    shape = list(matrix.shape)
+    tensor = pb.ModelInferRequest.InferInputTensor
+    contents = pb.InferTensorContents
+    fp64 = stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[
+        tensor(name="input", datatype="FP64", shape=shape, contents=contents(fp64_contents=matrix.ravel()))
+    ]))
+    fp32 = stub.ModelInfer(pb.ModelInferRequest(inputs=[
+        tensor(name="input", datatype="FP32", shape=shape, contents=contents(fp32_contents=matrix.ravel()))
+    ]))
+    assert [o.name for o in fp64.outputs] == ["score", "decision"] and fp64.model_version == "1"
+    np.testing.assert_array_equal(np.frombuffer(fp64.raw_output_contents[0], "<f8"), client.score(matrix).scores)
+    as_fp32 = matrix.astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(np.frombuffer(fp32.raw_output_contents[0], "<f8"), client.score(as_fp32).scores)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(pb.ModelInferRequest(inputs=[
+            tensor(name="input", datatype="FP64", shape=shape, contents=contents(fp64_contents=[1.0]))
+        ]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'input'" in (caught.value.details() or "")
+
+
+def test_health_and_reflection_list_the_inference_service(app: ServingApp) -> None:
+    channel = grpc.insecure_channel(f"127.0.0.1:{app.public_port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {SERVICE, "tabserve.scoring.v1.Scoring", "grpc.health.v1.Health"} <= services
+    assert ProtoReflectionDescriptorDatabase(channel).FindFileContainingSymbol(SERVICE).package == "inference"
+
+
+@pytest.fixture
+def unloaded_app(tracking_uri: str, tmp_path: Path) -> Any:
+    """A server whose model never loads (no such version, empty cache): health NOT_SERVING."""
+    settings = server_settings(tracking_uri, tmp_path / "cache", model_uri=f"models:/{MODEL_NAME}/99")
+    serving = ServingApp(settings, registry=CollectorRegistry())
+    serving.start()
+    try:
+        wait_for(lambda: serving.manager.status().last_error, what="a failed load")
+        yield serving
+    finally:
+        serving.stop(1.0)
+
+
+def _not_ready(call: Any) -> bool:
+    """ready=false, or UNAVAILABLE from the Edge, which drains every non-health method while not serving."""
+    try:
+        return not call().ready
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[no-any-return]
+
+
+def test_readiness_agrees_with_health_before_a_model_loads(unloaded_app: ServingApp) -> None:
+    channel = grpc.insecure_channel(f"127.0.0.1:{unloaded_app.public_port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    assert _not_ready(lambda: stub.ServerReady(pb.ServerReadyRequest()))
+    assert _not_ready(lambda: stub.ModelReady(pb.ModelReadyRequest(name=MODEL_NAME)))
+
+
+def test_server_live_and_ready_false_while_not_serving(unloaded_app: ServingApp) -> None:
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{unloaded_app.public_port}"))
+    assert stub.ServerLive(pb.ServerLiveRequest()).live
+    assert not stub.ServerReady(pb.ServerReadyRequest()).ready
