@@ -27,7 +27,7 @@ protos-check: $(STAMP)
 	$(PY) tools/gen_protos.py --out $(GEN_DIR) --check
 
 lint: $(STAMP)
-	$(PY) -m ruff check server clients tests tools
+	$(PY) -m ruff check server clients monitor tests tools
 	$(PY) -m mypy
 
 test: $(STAMP) protos-check lint

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -56,16 +57,17 @@ class ServerProcess:
         for field, value in vars(settings).items():
             env[ENV_PREFIX + field.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         env.update(extra_env or {})
+        # stderr goes to a file, not a pipe: a server that logs a lot must never block on a full pipe.
+        self._stderr_file = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tabserve_server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "tabserve_server"], env=env, stdout=subprocess.PIPE, stderr=self._stderr_file,
             text=True,
         )
-        self._stderr: str | None = None
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(10)
-            raise AssertionError(f"server exited early: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            raise AssertionError(f"server exited early: {self.stderr()}")
         ports = json.loads(line)
         self.public_port: int = ports["public_port"]
         self.control_port: int = ports["control_port"]
@@ -81,10 +83,9 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def stderr(self) -> str:
-        """Everything the process wrote to stderr (call after it exited); read once, then cached."""
-        if self._stderr is None:
-            self._stderr = self.proc.stderr.read() if self.proc.stderr else ""
-        return self._stderr
+        """Everything the process wrote to stderr so far."""
+        self._stderr_file.seek(0)
+        return self._stderr_file.read()
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -93,6 +94,6 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr_file.close()

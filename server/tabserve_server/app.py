@@ -24,7 +24,7 @@ from tabserve.control.v1 import control_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.core.loading import LoaderConfig, ModelLoader, configure_mlflow, model_name_from_uri
-from tabserve_server.core.manager import ModelManager
+from tabserve_server.core.manager import LoadState, ModelManager
 from tabserve_server.core.model import AspiredVersion, LoadedModel
 from tabserve_server.metrics import ServerMetrics
 from tabserve_server.settings import ServerSettings
@@ -145,6 +145,9 @@ class ServingApp:
         self.manager.on_swap(self.metrics.model_swapped)
         self.manager.on_swap(self._on_swap)
         self.manager.on_load(self.metrics.load_finished)
+        self.metrics.model_load_failing.set_function(
+            lambda: float(self.manager.status().state is LoadState.FAILED)
+        )
         self._public.start()
         self._control.start()
         self.manager.start()

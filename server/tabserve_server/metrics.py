@@ -110,4 +110,3 @@ class ServerMetrics:
 
     def load_finished(self, aspired: AspiredVersion, ok: bool, duration: float, error: str) -> None:
         self.model_loads.labels("success" if ok else "failure").inc()
-        self.model_load_failing.set(0 if ok else 1)

@@ -132,7 +132,7 @@ class ModelManager:
             with self._lock:
                 aspired, current, failure = self._aspired, self._current, self._failure
             if aspired is None or (current is not None and current.satisfies(aspired)):
-                self._set_state(LoadState.IDLE)
+                self._settle(aspired)
                 self._wait(None)
                 continue
             if failure is not None and failure[0] == aspired and time.monotonic() < failure[4]:
@@ -144,10 +144,12 @@ class ModelManager:
         self._wake.wait(timeout)
         self._wake.clear()
 
-    def _set_state(self, state: LoadState) -> None:
+    def _settle(self, aspired: AspiredVersion | None) -> None:
+        """Nothing to load: a failure of an earlier aspired version (e.g. before a rollback) is history."""
         with self._lock:
-            if self._state is not LoadState.FAILED or state is not LoadState.IDLE or self._failure is None:
-                self._state = state
+            if self._failure is not None and self._failure[0] != aspired:
+                self._failure = None
+            self._state = LoadState.FAILED if self._failure is not None else LoadState.IDLE
 
     def _attempt(self, aspired: AspiredVersion) -> None:
         with self._lock:

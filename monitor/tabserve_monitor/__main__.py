@@ -1,0 +1,51 @@
+"""Entry point of the monitor process: `python -m tabserve_monitor` or `tabserve-monitor`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from prometheus_client import start_http_server
+
+from tabserve_monitor.loop import Monitor
+from tabserve_monitor.settings import MonitorSettings
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = MonitorSettings.load(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    host, port = _split(settings.metrics_address)
+    try:
+        metrics_server, _ = start_http_server(port, addr=host)
+    except OSError as exc:
+        logging.getLogger("tabserve_monitor").error("cannot listen on %s: %s", settings.metrics_address, exc)
+        return 2
+    monitor = Monitor(settings)
+    # One machine-readable line, so scripts and tests that bind port 0 learn the port.
+    print(json.dumps({"event": "listening", "metrics_port": metrics_server.server_port}), flush=True)
+    # The loop runs in a daemon thread: a signal ends the process at once, even mid-poll.
+    worker = threading.Thread(target=monitor.run, args=(stop,), name="monitor-loop", daemon=True)
+    worker.start()
+    while not stop.wait(0.5):
+        if not worker.is_alive():
+            return 1
+    metrics_server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The monitor's poll loop: resolve the target in the registry, state it to the server, verify, probe, export.
+
+Contract:
+- Every poll re-asserts the aspired version (idempotent on the server), so a restarted server or
+  monitor converges without special cases. The monitor never says "reload now" and never asks
+  the server to unload: with no usable target (dangling alias, deleted model, version not READY)
+  it states nothing and only raises a flag.
+- Reload results are inferred from status transitions: a change of the served version is a
+  success; a new failed attempt on the target version (load_state FAILED) is a failure.
+- Waits between polls on `stop`, so a signal ends the loop at once. Registry failures back off
+  exponentially up to `backoff_max_seconds`; an unreachable server does not (it is a local sidecar
+  peer and a refused connection costs nothing), so the monitor converges as soon as it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve_monitor.metrics import MonitorMetrics
+from tabserve_monitor.registry import Problem, RegistryError, RegistryWatcher, Resolution, Target
+from tabserve_monitor.settings import MonitorSettings
+
+log = logging.getLogger(__name__)
+
+# Reconnect quickly to a (re)starting server: gRPC's default reconnect back-off grows to 120 s.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+def _version_number(version: str) -> float:
+    return float(version) if version.isdigit() else 0.0
+
+
+@dataclass
+class PollResult:
+    registry_ok: bool
+    server_ok: bool
+    resolution: Resolution | None = None
+    status: Any = None
+
+
+class Monitor:
+    """Keeps one server on the version the registry names; see the module docstring for the contract."""
+
+    def __init__(
+        self, settings: MonitorSettings, metrics: MonitorMetrics | None = None, watcher: RegistryWatcher | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or MonitorMetrics()
+        self.watcher = watcher or RegistryWatcher(
+            settings.tracking_uri, settings.model_name, alias=settings.alias, stage=settings.stage,
+            timeout_seconds=settings.rpc_timeout_seconds,
+        )
+        self._control_channel = grpc.insecure_channel(settings.control_address, options=_CHANNEL_OPTIONS)
+        self._public_channel = grpc.insecure_channel(settings.public_address, options=_CHANNEL_OPTIONS)
+        self._control = control_pb2_grpc.ModelControlStub(self._control_channel)
+        self._health = health_pb2_grpc.HealthStub(self._public_channel)
+        self._metadata = (("authorization", f"Bearer {settings.control_token}"),) if settings.control_token else ()
+        self._target: Target | None = None
+        self._served: str | None = None  # None: not observed yet
+        self._mismatch_since: float | None = None
+        self._failure_seen: tuple[str, int] = ("", 0)  # (failed_version, failed_attempts) already counted
+        self._last_problem = Problem.NONE
+
+    def close(self) -> None:
+        self._control_channel.close()
+        self._public_channel.close()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        log.info(
+            "following %s %s in %s; server control %s", self.settings.model_name, self.watcher.follows,
+            self.settings.tracking_uri or "(MLflow default)", self.settings.control_address,
+        )
+        failures = 0
+        interval = self.settings.poll_interval_seconds
+        while not stop.is_set():
+            try:
+                result = self.poll_once()
+                registry_ok = result.registry_ok
+            except Exception:
+                log.exception("poll failed unexpectedly")
+                registry_ok = False
+            failures = 0 if registry_ok else failures + 1
+            wait = interval if failures == 0 else min(self.settings.backoff_max_seconds, interval * 2**failures)
+            stop.wait(wait)
+
+    def poll_once(self) -> PollResult:
+        resolution = self._resolve()
+        registry_ok = resolution is not None
+        if resolution is not None:
+            target = resolution.target
+            if target is not None and not target.ready:
+                log.warning("%s version %s is %s, not READY: not stated", target.name, target.version, target.status)
+                target = None
+            self._target = target
+        # On a registry failure the last resolved target is re-asserted: harmless (idempotent), and
+        # a server restarted meanwhile is told what it should serve.
+        target = self._target
+        self.metrics.target_version.set(_version_number(target.version) if target else 0)
+        status = self._state_and_verify(target)
+        self._probe_health()
+        server_ok = status is not None
+        if not registry_ok:
+            self.metrics.polls.labels("registry_error").inc()
+        elif not server_ok:
+            self.metrics.polls.labels("server_error").inc()
+        else:
+            self.metrics.polls.labels("success").inc()
+        return PollResult(registry_ok, server_ok, resolution, status)
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def _resolve(self) -> Resolution | None:
+        started = time.monotonic()
+        try:
+            resolution = self.watcher.resolve()
+        except RegistryError as exc:
+            self.metrics.registry_up.set(0)
+            log.warning("registry poll failed: %s", exc)
+            return None
+        finally:
+            self.metrics.poll_duration.observe(time.monotonic() - started)
+        self.metrics.registry_up.set(1)
+        self.metrics.last_successful_poll.set(time.time())
+        self.metrics.target_ambiguous.set(1 if resolution.ambiguous else 0)
+        self.metrics.alias_dangling.set(1 if resolution.problem in (Problem.ALIAS_DANGLING, Problem.STAGE_EMPTY) else 0)
+        self.metrics.model_missing.set(1 if resolution.problem is Problem.MODEL_MISSING else 0)
+        target = resolution.target
+        self.metrics.target_not_ready.set(1 if target is not None and not target.ready else 0)
+        if resolution.problem is not self._last_problem:
+            if resolution.problem is Problem.NONE:
+                log.info("registry problem resolved")
+            else:
+                log.error("no target to serve (%s): %s; the server keeps its version", resolution.problem.value,
+                          resolution.detail)
+            self._last_problem = resolution.problem
+        if resolution.ambiguous and target is not None:
+            log.warning("%s holds more than one version; chose %s", self.watcher.follows, target.version)
+        return resolution
+
+    def _state_and_verify(self, target: Target | None) -> Any:
+        timeout = self.settings.rpc_timeout_seconds
+        try:
+            if target is not None:
+                aspired = control_pb2.AspiredVersion(model_name=target.name, version=target.version,
+                                                     model_uri=target.uri)
+                self._control.SetAspiredVersion(
+                    control_pb2.SetAspiredVersionRequest(aspired=aspired), timeout=timeout, metadata=self._metadata
+                )
+            status = self._control.GetStatus(control_pb2.GetStatusRequest(), timeout=timeout,
+                                             metadata=self._metadata)
+        except grpc.RpcError as exc:
+            self.metrics.control_up.set(0)
+            code = exc.code() if hasattr(exc, "code") else None
+            log.warning("control call to %s failed: %s %s", self.settings.control_address, code,
+                        exc.details() if hasattr(exc, "details") else exc)
+            self._observe_served(None, target)
+            return None
+        self.metrics.control_up.set(1)
+        self._observe_served(status.serving.version if status.serving.model_name else "", target)
+        self._observe_failure(status, target)
+        return status
+
+    def _observe_served(self, served: str | None, target: Target | None) -> None:
+        """`served`: None when the server could not be asked, '' when it serves nothing."""
+        now = time.monotonic()
+        if served is not None:
+            if self._served is not None and served and served != self._served:
+                log.info("server now serves version %s (was %s)", served, self._served or "nothing")
+                self.metrics.reloads.labels("success").inc()
+            self._served = served
+            self.metrics.served_version.set(_version_number(served))
+        else:
+            self.metrics.served_version.set(0)
+        if target is None or (served is not None and served == target.version):
+            self._mismatch_since = None
+        elif self._mismatch_since is None:
+            self._mismatch_since = now
+        self.metrics.served_version_lag.set(0 if self._mismatch_since is None else now - self._mismatch_since)
+
+    def _observe_failure(self, status: Any, target: Target | None) -> None:
+        wanted = target.version if target is not None else status.aspired.version
+        failed, attempts = status.failed_version, int(status.failed_attempts)
+        if status.load_state != control_pb2.LOAD_STATE_FAILED or not failed or failed != wanted:
+            return
+        seen_version, seen_attempts = self._failure_seen
+        new = attempts - seen_attempts if failed == seen_version and attempts >= seen_attempts else attempts
+        if new > 0:
+            log.error("server failed to load %s version %s (attempt %d): %s", status.aspired.model_name, failed,
+                      attempts, status.last_error)
+            self.metrics.reloads.labels("failure").inc(new)
+        self._failure_seen = (failed, attempts)
+
+    def _probe_health(self) -> None:
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                          timeout=self.settings.rpc_timeout_seconds)
+        except grpc.RpcError:
+            self.metrics.server_up.set(0)
+            return
+        self.metrics.server_up.set(1 if response.status == health_pb2.HealthCheckResponse.SERVING else 0)
