@@ -23,3 +23,15 @@ def test_every_server_metric_is_listed() -> None:
     names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
     listed = set(re.findall(r"`(tabserve_server_[a-z_]+)`", README))
     assert names and names == listed
+
+
+def test_every_monitor_setting_and_metric_is_in_the_readme() -> None:
+    from tabserve_monitor.metrics import MonitorMetrics
+    from tabserve_monitor.settings import ENV_PREFIX as MONITOR_PREFIX
+    from tabserve_monitor.settings import MonitorSettings
+
+    assert settings_table(MonitorSettings, MONITOR_PREFIX) in README
+    registry = CollectorRegistry()
+    MonitorMetrics(registry)
+    names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
+    assert names and names == set(re.findall(r"`(tabserve_monitor_[a-z_]+)`", README))

@@ -1,10 +1,11 @@
-"""`make run`: bootstrap the embedded SQLite registry with the demo model, then run the server in the foreground."""
+"""`make run`: bootstrap the embedded SQLite registry, start the monitor sidecar, run the server in the foreground."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault(ENV_PREFIX + "TRACKING_URI", tracking_uri)
     os.environ.setdefault(ENV_PREFIX + "MODEL_URI", f"models:/{MODEL_NAME}@production")
     os.environ.setdefault(ENV_PREFIX + "CACHE_DIR", str(paths.cache_dir))
+    os.environ.setdefault("TABSERVE_MONITOR_TRACKING_URI", tracking_uri)
+    os.environ.setdefault("TABSERVE_MONITOR_MODEL_NAME", MODEL_NAME)
+    os.environ.setdefault("TABSERVE_MONITOR_POLL_INTERVAL_SECONDS", "2")
+    # The monitor is its own process, as in production; it goes when the server goes.
+    monitor = subprocess.Popen([sys.executable, "-m", "tabserve_monitor"], stdout=subprocess.DEVNULL)
     examples = Path(__file__).resolve().parents[2] / "clients" / "examples" / "applicants.csv"
     if examples.is_relative_to(Path.cwd()):
         examples = examples.relative_to(Path.cwd())
@@ -34,11 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "\ntabserve is starting on localhost:50051 (metrics on :9100). In another terminal, try:\n\n"
         f"    .venv/bin/tabserve-client score {examples}\n"
         "    .venv/bin/tabserve-client info\n\n"
-        "Train and promote another version with `make demo-model`. Stop with Ctrl-C.\n",
+        "The monitor (metrics on :9101) follows alias `production`: promote another version with\n"
+        "`make demo-model` and the server switches to it within seconds. Stop both with Ctrl-C.\n",
         file=sys.stderr,
         flush=True,
     )
-    return server_main.main(server_args)
+    try:
+        return server_main.main(server_args)
+    finally:
+        monitor.terminate()
+        monitor.wait(10)
 
 
 if __name__ == "__main__":
