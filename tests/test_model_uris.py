@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prometheus_client import CollectorRegistry
 
-from tabserve_server.app import ServingApp
+from tabserve_server.app import ServingApp, loader_config
 from tabserve_server.core.loading import ModelLoader
 from tabserve_server.core.model import AspiredVersion, LoadedFrom
 from tabserve_server.demo_model import bootstrap_embedded_registry, register_demo_version
@@ -87,7 +87,7 @@ def test_runs_uri_and_local_directory(uri_registry: tuple[str, str], tmp_path: P
 
 def test_unsupported_uri_is_a_clear_load_error(uri_registry: tuple[str, str], tmp_path: Path) -> None:
     tracking, _ = uri_registry
-    loader = ModelLoader(ServingApp(server_settings(tracking, tmp_path)).loader.config)
+    loader = ModelLoader(loader_config(server_settings(tracking, tmp_path)))
     with pytest.raises(Exception, match="unsupported model URI"):
         loader.resolve(AspiredVersion("x", "", "s3://bucket/thing"))
 

@@ -61,11 +61,15 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
     def _count(self, method: str, code: str, seconds: float) -> None:
         if self._metrics is None:
             return
-        child = self._children.get((method, code))
-        if child is None:
-            child = self._children[(method, code)] = self._metrics.requests.labels(method, code)
-        child.inc()
-        self._metrics.request_duration.labels(method).observe(seconds)
+        # Label lookups cost a lock and a tuple hash each: resolve the children once per method and code.
+        children = self._children.get((method, code))
+        if children is None:
+            children = self._children[(method, code)] = (
+                self._metrics.requests.labels(method, code),
+                self._metrics.request_duration.labels(method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _behavior(
         self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any], probe: bool
