@@ -60,7 +60,7 @@ class Monitor:
         self.metrics = metrics or MonitorMetrics()
         self.watcher = watcher or RegistryWatcher(
             settings.tracking_uri, settings.model_name, alias=settings.alias, stage=settings.stage,
-            timeout_seconds=settings.rpc_timeout_seconds,
+            timeout_seconds=settings.rpc_timeout_seconds, audit_interval_seconds=settings.audit_interval_seconds,
         )
         self._control_channel = grpc.insecure_channel(settings.control_address, options=_CHANNEL_OPTIONS)
         self._public_channel = grpc.insecure_channel(settings.public_address, options=_CHANNEL_OPTIONS)
@@ -72,6 +72,7 @@ class Monitor:
         self._mismatch_since: float | None = None
         self._failure_seen: tuple[str, int] = ("", 0)  # (failed_version, failed_attempts) already counted
         self._last_problem = Problem.NONE
+        self._last_ambiguity = ""
 
     def close(self) -> None:
         self._control_channel.close()
@@ -147,8 +148,13 @@ class Monitor:
                 log.error("no target to serve (%s): %s; the server keeps its version", resolution.problem.value,
                           resolution.detail)
             self._last_problem = resolution.problem
-        if resolution.ambiguous and target is not None:
-            log.warning("%s holds more than one version; chose %s", self.watcher.follows, target.version)
+        ambiguity = resolution.detail if resolution.ambiguous else ""
+        if ambiguity != self._last_ambiguity:  # logged on change, not on every poll
+            if ambiguity:
+                log.warning("ambiguous target: %s", ambiguity)
+            else:
+                log.info("%s holds one version again", self.watcher.follows)
+            self._last_ambiguity = ambiguity
         return resolution
 
     def _state_and_verify(self, target: Target | None) -> Any:

@@ -1,19 +1,28 @@
 """Resolve which version of a registered model should be served, with MLflow metadata calls only.
 
 Contract:
-- One poll costs a constant number of metadata calls: `get_model_version_by_alias` for an alias, or
-  `get_registered_model` (its `latest_versions`) for a legacy stage. Nothing searches over all
-  versions or runs and nothing downloads an artifact, so cost does not grow with the registry.
+- One poll costs a constant number of metadata calls, each reading a bounded number of rows:
+  `get_model_version_by_alias` for an alias, or, for a legacy stage, `search_registered_models`
+  with an exact name filter (the registry computes the latest version per stage in SQL).
+  `get_registered_model` and `get_latest_versions` are avoided on purpose: MLflow's SQL store
+  loads every version of the model to answer them, so their cost grows with the registry.
+  Nothing downloads an artifact. `tests/test_monitor_poll_cost.py` proves it.
 - The result is pinned: `models:/<name>/<version>`, never the moving alias.
 - A missing alias, an alias left on a deleted version, or a deleted registered model is a
   classification (`Resolution.problem`), not an error and never a target: the server keeps serving.
+- A legacy stage may hold several versions, which `latest_versions` cannot show. A stage audit
+  (`search_model_versions` over the model's versions, paged) runs at most every
+  `audit_interval_seconds`, and at once when the registered model's last-updated time changes;
+  its answer sets `Resolution.ambiguous`. The choice stays the highest version number in the stage.
 - Registry outages raise `RegistryError`; the caller backs off.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -53,22 +62,38 @@ class Target:
 
 
 @dataclass(frozen=True)
+class StageAudit:
+    """What the last stage audit found: every version in the followed stage, highest first."""
+
+    versions: tuple[str, ...]
+    model_updated_ms: int | None  # the registered model's last_updated_timestamp when audited
+    at: float  # monotonic clock
+
+
+@dataclass(frozen=True)
 class Resolution:
     target: Target | None
     problem: Problem = Problem.NONE
-    # True when the stage held more than one version; the highest version number was chosen.
+    # True when the last stage audit found more than one version in the stage; the highest version
+    # number is chosen regardless.
     ambiguous: bool = False
     detail: str = ""
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    code = getattr(exc, "error_code", "")
-    return code == "RESOURCE_DOES_NOT_EXIST" or "RESOURCE_DOES_NOT_EXIST" in str(code)
+    # True when this resolution ran the (slower) stage audit.
+    audited: bool = False
 
 
 def _is_registry_answer(exc: BaseException) -> bool:
     """The registry answered with a refusal (as opposed to being unreachable or failing)."""
     return str(getattr(exc, "error_code", "")) in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+def _name_filter(name: str) -> str:
+    """An exact-name filter for MLflow's search APIs."""
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    raise RegistryError(f"model name {name!r} holds both quote characters: it cannot be searched by name")
 
 
 def _target(name: str, mv: Any) -> Target:
@@ -82,14 +107,18 @@ class RegistryWatcher:
 
     def __init__(
         self, tracking_uri: str, model_name: str, *, alias: str = "production", stage: str = "",
-        timeout_seconds: float = 5.0, client: Any = None,
+        timeout_seconds: float = 5.0, audit_interval_seconds: float = 300.0, client: Any = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model_name = model_name
         self.alias = alias
         self.stage = stage
+        self.audit_interval_seconds = audit_interval_seconds
         self._tracking_uri = tracking_uri
         self._timeout = timeout_seconds
         self._client = client
+        self._clock = clock
+        self._audit: StageAudit | None = None
 
     @property
     def follows(self) -> str:
@@ -133,12 +162,9 @@ class RegistryWatcher:
 
     def _classify_missing(self, lookup_error: Exception) -> Resolution:
         """The alias lookup was refused: tell a deleted model from a missing or dangling alias."""
-        try:
-            registered = self.client().get_registered_model(self.model_name)
-        except Exception as exc:
-            if _is_not_found(exc):
-                return Resolution(None, Problem.MODEL_MISSING, detail=f"registered model {self.model_name!r} not found")
-            raise
+        registered = self._registered_model()
+        if registered is None:
+            return Resolution(None, Problem.MODEL_MISSING, detail=f"registered model {self.model_name!r} not found")
         aliases = registered.aliases or {}
         if self.alias not in aliases:
             detail = f"{self.model_name!r} has no alias {self.alias!r}"
@@ -147,18 +173,72 @@ class RegistryWatcher:
             detail = f"alias {self.alias!r} points at version {version}, which cannot be read ({lookup_error})"
         return Resolution(None, Problem.ALIAS_DANGLING, detail=detail)
 
+    def _registered_model(self) -> Any:
+        """The registered model with its latest version per stage and its aliases, or None when missing.
+
+        A name-filtered search, not `get_registered_model`: the SQL store answers the search with
+        one window query, while `get_registered_model` loads every version of the model.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated since MLflow 2.9
+            found = self.client().search_registered_models(filter_string=_name_filter(self.model_name), max_results=1)
+        return next((rm for rm in found if rm.name == self.model_name), None)
+
     def _resolve_stage(self) -> Resolution:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated since MLflow 2.9
-                registered = self.client().get_registered_model(self.model_name)
-        except Exception as exc:
-            if _is_not_found(exc):
-                return Resolution(None, Problem.MODEL_MISSING, detail=f"registered model {self.model_name!r} not found")
-            raise
+        registered = self._registered_model()
+        if registered is None:
+            return Resolution(None, Problem.MODEL_MISSING, detail=f"registered model {self.model_name!r} not found")
         wanted = self.stage.lower()
         in_stage = [mv for mv in (registered.latest_versions or []) if str(mv.current_stage).lower() == wanted]
+        audited = self._audit_if_due(registered)
         if not in_stage:
-            return Resolution(None, Problem.STAGE_EMPTY, detail=f"no version of {self.model_name!r} in {self.stage}")
+            return Resolution(None, Problem.STAGE_EMPTY, detail=f"no version of {self.model_name!r} in {self.stage}",
+                              audited=audited)
         chosen = max(in_stage, key=lambda mv: int(mv.version))
-        return Resolution(target=_target(self.model_name, chosen), ambiguous=len(in_stage) > 1)
+        audit = self._audit
+        ambiguous = audit is not None and len(audit.versions) > 1
+        detail = ""
+        if ambiguous and audit is not None:
+            detail = (f"stage {self.stage} of {self.model_name!r} holds versions {', '.join(audit.versions)}; "
+                      f"the highest, {chosen.version}, is the target")
+        return Resolution(target=_target(self.model_name, chosen), ambiguous=ambiguous, detail=detail, audited=audited)
+
+    # --- the stage audit ---------------------------------------------------------------------
+
+    @property
+    def last_audit(self) -> StageAudit | None:
+        return self._audit
+
+    def _audit_if_due(self, registered: Any) -> bool:
+        updated = getattr(registered, "last_updated_timestamp", None)
+        audit = self._audit
+        if (
+            audit is not None
+            and audit.model_updated_ms == updated
+            and self._clock() - audit.at < self.audit_interval_seconds
+        ):
+            return False
+        try:
+            self._audit = StageAudit(self.stage_versions(), updated, self._clock())
+        except Exception as exc:
+            # The flag keeps its last known value; the audit is retried on the next poll.
+            log.warning("stage audit of %s failed: %s", self.model_name, exc)
+            return False
+        return True
+
+    def stage_versions(self) -> tuple[str, ...]:
+        """Every version of the model in the followed stage, highest first (pages through all versions)."""
+        wanted = self.stage.lower()
+        found: list[int] = []
+        token: str | None = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            while True:
+                page = self.client().search_model_versions(
+                    filter_string=_name_filter(self.model_name), max_results=1000, page_token=token
+                )
+                found.extend(int(mv.version) for mv in page if str(mv.current_stage).lower() == wanted)
+                token = getattr(page, "token", None)
+                if not token:
+                    break
+        return tuple(str(v) for v in sorted(found, reverse=True))

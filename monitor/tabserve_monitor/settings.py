@@ -19,6 +19,11 @@ class MonitorSettings:
     alias: str = setting("production", "Alias whose version should be served.")
     stage: str = setting("", "Legacy: follow this stage (e.g. Production) instead of the alias when set.")
     poll_interval_seconds: float = setting(5.0, "Time between registry polls.")
+    audit_interval_seconds: float = setting(
+        300.0,
+        "Legacy stage only: how often all versions are listed to find a stage holding several (target_ambiguous); "
+        "also runs when the registered model changes. Polls themselves never list versions.",
+    )
     control_address: str = setting("127.0.0.1:50052", "Control listener of the server (SetAspiredVersion, GetStatus).")
     control_token: str = setting("", "Bearer token sent on control calls; empty: none.")
     public_address: str = setting("127.0.0.1:50051", "Public listener of the server, probed with grpc.health.v1.")
