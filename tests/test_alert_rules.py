@@ -2,53 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tools.debian import ToolUnavailable, ensure_command
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitor" / "alerts" / "tabserve.rules.yml"
 RULE_TESTS = ROOT / "monitor" / "alerts" / "tabserve.rules.test.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 README = ROOT / "README.md"
-INSTALL_TIMEOUT_S = 600
-
-
-def _find_promtool() -> str | None:
-    found = shutil.which("promtool")
-    if found:
-        return found
-    return "/usr/bin/promtool" if os.access("/usr/bin/promtool", os.X_OK) else None
 
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    found = _find_promtool()
-    if found:
-        return found
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.fail("promtool not found and apt-get is unavailable: install Prometheus' promtool")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in ([apt, "update"], [apt, "install", "-y", "--no-install-recommends", "prometheus"]):
-        try:
-            done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, env=env)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"installing promtool: {' '.join(cmd)} timed out after {INSTALL_TIMEOUT_S}s")
-        if done.returncode != 0:
-            pytest.fail(
-                f"promtool not found and `{' '.join(cmd)}` failed ({done.returncode}):\n"
-                f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-            )
-    found = _find_promtool()
-    if not found:
-        pytest.fail("installed Debian's prometheus package but promtool is still not on PATH")
-    return found
+    try:
+        return ensure_command("promtool", "prometheus")
+    except ToolUnavailable as exc:
+        pytest.fail(str(exc))
 
 
 def _run(promtool: str, *args: str) -> None:

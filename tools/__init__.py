@@ -1,0 +1,1 @@
+"""Developer tooling: code generation, Debian tool installation, measurement scripts."""
