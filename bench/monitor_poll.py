@@ -1,0 +1,356 @@
+"""Monitor per-poll cost with 500 registered versions against 1 (issue 4 target: <= 1.5x).
+
+Two SQLite registries are built: a small one (1 run, 1 version, a small artifact) and a large one (many
+runs, 500 versions, one large artifact inside the model directory every version points at). Versions are
+created cheaply with `MlflowClient.create_model_version` on one shared model artifact. Then
+`RegistryWatcher.resolve()` (what one poll asks the registry) is timed for alias mode and legacy-stage
+mode, through SQLite directly and, in the full run, through a real `mlflow server` child process on
+loopback per registry. Polls of the two registries are interleaved so machine noise hits both alike.
+
+Besides wall time, each figure has a count that noise cannot move: SQL statements and ORM rows the
+MLflow store handles per poll (in-process SQLite; the same store code runs behind `mlflow server`).
+`get_registered_model` (what stage mode used before) is measured alongside as the baseline, and the
+stage audit (listing all versions, every `audit_interval_seconds`) is reported with its amortized cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.report import SectionResult, Target, percentile_ms, ratio
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "poll-bench"
+TARGET = 1.5
+SMALL, LARGE = "1 version", "N versions"
+_CHUNK = 4 << 20
+
+
+def _quiet() -> None:
+    warnings.simplefilter("ignore")
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _model_dir(path: Path, large_bytes: int) -> Path:
+    """A model directory: small metadata files, plus `weights.bin` of `large_bytes` when asked."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "MLmodel").write_text("artifact_path: model\nflavors: {}\n")
+    (path / "model.lgb").write_text("tree\nversion=v4\n")
+    if large_bytes:
+        block = b"\0" * _CHUNK
+        with (path / "weights.bin").open("wb") as out:
+            remaining = large_bytes
+            while remaining > 0:
+                out.write(block[: min(_CHUNK, remaining)])
+                remaining -= _CHUNK
+    return path
+
+
+def build_registry(root: Path, *, versions: int, runs: int, large_bytes: int) -> str:
+    """A SQLite registry under `root` with `versions` versions of MODEL_NAME; returns its URI.
+
+    The last version has alias `production` and stage Production, the one before it Staging, every
+    tenth one Archived; version 1 has alias `champion`. Runs carry a param and a metric each.
+    """
+    from mlflow import MlflowClient
+
+    _quiet()
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{(root / 'mlflow.db').absolute().as_posix()}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("poll-bench", artifact_location=(root / "artifacts").as_uri())
+    run_ids: list[str] = []
+    for i in range(max(1, runs)):
+        run = client.create_run(experiment)
+        client.log_param(run.info.run_id, "i", i)
+        client.log_metric(run.info.run_id, "auc", 0.7 + i * 1e-4)
+        client.set_terminated(run.info.run_id)
+        run_ids.append(run.info.run_id)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        client.log_artifacts(run_ids[0], str(_model_dir(Path(tmp) / "model", large_bytes)), "model")
+    source = f"{client.get_run(run_ids[0]).info.artifact_uri}/model"
+    client.create_registered_model(MODEL_NAME)
+    for i in range(versions):
+        client.create_model_version(MODEL_NAME, source, run_id=run_ids[i % len(run_ids)])
+    last = str(versions)
+    for version in range(10, versions - 1, 10):
+        client.transition_model_version_stage(MODEL_NAME, str(version), "Archived")
+    if versions > 1:
+        client.transition_model_version_stage(MODEL_NAME, str(versions - 1), "Staging")
+    client.transition_model_version_stage(MODEL_NAME, last, "Production")
+    client.set_registered_model_alias(MODEL_NAME, "production", last)
+    client.set_registered_model_alias(MODEL_NAME, "champion", "1")
+    return uri
+
+
+def _watcher(uri: str, mode: str) -> Any:
+    from tabserve_monitor.registry import RegistryWatcher
+
+    stage = "Production" if mode == "stage" else ""
+    # A huge audit interval: the audit runs on the first (warm-up) poll only; it is measured on its own.
+    return RegistryWatcher(uri, MODEL_NAME, alias="production", stage=stage, audit_interval_seconds=1e9)
+
+
+def _calls(uri: str) -> dict[str, Callable[[], Any]]:
+    """What one poll does, per mode; plus the former stage call, as the baseline."""
+    alias, stage = _watcher(uri, "alias"), _watcher(uri, "stage")
+    client = alias.client()
+
+    def expect(resolve: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            resolution = resolve()
+            assert resolution.target is not None and not resolution.audited, resolution
+            return resolution
+
+        return call
+
+    def before() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return client.get_registered_model(MODEL_NAME)
+
+    stage.resolve()  # runs the first audit
+    return {
+        "alias": expect(alias.resolve), "stage": expect(stage.resolve), "stage, before (get_registered_model)": before,
+    }
+
+
+def _interleaved(calls: dict[str, Callable[[], Any]], polls: int, warmup: int = 3) -> dict[str, list[float]]:
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(polls):
+        for key, call in calls.items():
+            started = time.perf_counter()
+            call()
+            samples[key].append(time.perf_counter() - started)
+    return samples
+
+
+@contextlib.contextmanager
+def _store_counter() -> Iterator[dict[str, int]]:
+    """Counts SQL statements and ORM rows loaded by any SQLAlchemy engine in this process."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Mapper
+
+    counts = {"statements": 0, "rows": 0}
+
+    def on_statement(*_: Any) -> None:
+        counts["statements"] += 1
+
+    def on_load(*_: Any) -> None:
+        counts["rows"] += 1
+
+    event.listen(Engine, "before_cursor_execute", on_statement)
+    event.listen(Mapper, "load", on_load)
+    try:
+        yield counts
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_statement)
+        event.remove(Mapper, "load", on_load)
+
+
+def store_work(uri: str) -> dict[str, dict[str, int]]:
+    """SQL statements and ORM rows the MLflow store handles for one poll, per mode (deterministic)."""
+    calls = _calls(uri)
+    for call in calls.values():
+        call()  # warm: engine, metadata reflection
+    work = {}
+    for key, call in calls.items():
+        with _store_counter() as counts:
+            call()
+        work[key] = dict(counts)
+    return work
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MlflowServer:
+    """`mlflow server` on loopback over an existing SQLite registry (a child process of ours).
+
+    It runs in a session of its own and is stopped as a process group: `mlflow server` starts uvicorn
+    workers (and, unless disabled as here, job consumers) that would outlive a signal to the parent alone.
+    """
+
+    def __init__(self, uri: str, root: Path) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self._log = (root / "mlflow-server.log").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
+             "--backend-store-uri", uri, "--artifacts-destination", str(root / "served-artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
+
+    def wait_healthy(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mlflow server not healthy after {timeout} s")
+            time.sleep(0.5)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the server and its children (gunicorn/uvicorn workers) so far."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        for pid in pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
+    def terminate(self) -> None:
+        """SIGTERM to the server's process group (its own session: only our children are in it)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def _leader_exited(self) -> bool:
+        """True once the leader is a zombie (exited, not yet reaped, so its group id cannot be reused)."""
+        try:
+            return Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.terminate()
+            deadline = time.monotonic() + 15
+            while not self._leader_exited() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group, before the leader is reaped
+            self.proc.wait(10)
+        self._log.close()
+
+
+def _measure(
+    section: SectionResult, backend: str, uris: dict[str, str], polls: int, versions: int, *,
+    servers: dict[str, MlflowServer] | None = None,
+) -> None:
+    calls = {(size, key): call for size, uri in uris.items() for key, call in _calls(uri).items()}
+    cpu_before = {size: s.cpu_seconds() for size, s in (servers or {}).items()}
+    samples = _interleaved({f"{size}|{key}": call for (size, key), call in calls.items()}, polls)
+    generator = f"RegistryWatcher.resolve() via {backend}"
+    for mode in ("alias", "stage", "stage, before (get_registered_model)"):
+        medians, p90s = {}, {}
+        for size in (SMALL, LARGE):
+            seconds = samples[f"{size}|{mode}"]
+            label_size = "1 version" if size == SMALL else f"{versions} versions"
+            medians[size] = section.add(f"poll {mode}, {label_size}, median", backend, generator,
+                                        statistics.median(seconds) * 1e3, "ms", samples=len(seconds))
+            p90s[size] = section.add(f"poll {mode}, {label_size}, p90", backend, generator,
+                                     percentile_ms(seconds, 90), "ms", samples=len(seconds))
+        median_ratio, p90_ratio = ratio(medians[LARGE], medians[SMALL]), ratio(p90s[LARGE], p90s[SMALL])
+        detail = f"median {versions}/1 via {backend}; p90 ratio {p90_ratio:.2f}" if p90_ratio else ""
+        if mode.startswith("stage, before"):
+            section.notes.append(f"{backend}: former stage call get_registered_model, median ratio {versions}/1 = "
+                                 f"{median_ratio:.2f}x ({detail})" if median_ratio else f"{backend}: baseline n/a")
+            continue
+        section.targets.append(Target(
+            name=f"monitor poll cost, {mode} mode, {backend}", ratio=median_ratio, limit=TARGET, at_most=True,
+            basis=f"median resolve() with {versions} versions / with 1", detail=detail,
+        ))
+    if servers:
+        for size, server in servers.items():
+            spent = server.cpu_seconds() - cpu_before[size]
+            label_size = "1 version" if size == SMALL else f"{versions} versions"
+            section.add(f"mlflow server CPU per poll (3 calls interleaved), {label_size}", backend,
+                        generator, spent / polls * 1e3, "ms", samples=polls)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """The monitor-poll section (see bench/report.py for the shape)."""
+    _quiet()
+    versions = 50 if quick else 500
+    runs = 5 if quick else 200
+    large_bytes = (20 if quick else 200) << 20
+    polls = 20 if quick else 200
+    section = SectionResult()
+    with tempfile.TemporaryDirectory(prefix="tabserve-poll-bench-") as tmp:
+        root = Path(tmp)
+        started = time.monotonic()
+        uris = {
+            SMALL: build_registry(root / "small", versions=1, runs=1, large_bytes=0),
+            LARGE: build_registry(root / "large", versions=versions, runs=runs, large_bytes=large_bytes),
+        }
+        section.notes.append(
+            f"registries built in {time.monotonic() - started:.0f} s: 1 version/1 run vs {versions} versions/"
+            f"{runs} runs and a {large_bytes >> 20} MB artifact in the shared model directory"
+        )
+        for size, uri in uris.items():
+            for mode, work in store_work(uri).items():
+                label_size = "1 version" if size == SMALL else f"{versions} versions"
+                for what, count in work.items():
+                    section.add(f"store {what} per poll, {mode}, {label_size}", "sqlite", "SQLAlchemy events",
+                                count, "count")
+        _measure(section, "sqlite", uris, polls, versions)
+        audit = {}
+        for size, uri in uris.items():
+            watcher = _watcher(uri, "stage")
+            watcher.stage_versions()
+            started = time.perf_counter()
+            watcher.stage_versions()
+            audit[size] = time.perf_counter() - started
+            label_size = "1 version" if size == SMALL else f"{versions} versions"
+            section.add(f"stage audit (all versions listed), {label_size}", "sqlite", "RegistryWatcher.stage_versions",
+                        audit[size] * 1e3, "ms", samples=1)
+        section.notes.append(
+            f"stage audit with {versions} versions every 300 s at a 5 s poll: {audit[LARGE] * 1e3 * 5 / 300:.2f} ms "
+            "amortized per poll (and once after each change of the registered model)"
+        )
+        if quick:
+            section.notes.append("quick: the mlflow server leg is skipped")
+        else:
+            servers = {size: MlflowServer(uri, root / ("small" if size == SMALL else "large"))
+                       for size, uri in uris.items()}
+            try:
+                for server in servers.values():
+                    server.wait_healthy()
+                _measure(section, "mlflow server", {size: s.url for size, s in servers.items()}, polls, versions,
+                         servers=servers)
+            finally:
+                for server in servers.values():
+                    server.terminate()
+                for server in servers.values():
+                    server.stop()
+    return section.as_dict()
+
+
+if __name__ == "__main__":
+    import json
+
+    logging.basicConfig(level=logging.INFO)
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
