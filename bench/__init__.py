@@ -1,0 +1,1 @@
+"""Benchmark harness (issue 4): `python -m bench [--quick] [--out bench/results.json]`."""

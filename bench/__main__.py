@@ -1,0 +1,233 @@
+"""Benchmark runner (issue 4): `python -m bench [--quick] [--out PATH]`.
+
+Runs every section on the same model and rows, prints one table (each figure names the generator that
+produced it) and the targets (met / not met with the measured ratio), and writes it all as JSON with the
+machine's core count, library versions, timestamp and git commit. Sections, in order:
+
+  compute        in-process Booster.predict (the compute limit)                      bench/compute.py
+  serving        project server vs reference servicer, Python generators            bench/serving.py
+  h2load         the same, single-row throughput from h2load                         bench/h2load.py
+  reload         p99 and failed calls while the version is switched under load       bench/serving.py
+  ---- sections written elsewhere: reported as "not built" until they exist ----
+  multi-worker   several SO_REUSEPORT workers vs the single-process reference        bench/h2load.py
+                 (runs once ServerSettings has a `workers` setting)
+  monitor-poll   monitor per-poll cost, 500 versions vs 1                            bench/monitor_poll.py
+  reload-memory  RSS after 50 reloads vs after 1                                     bench/reload_memory.py
+                 (each module exposes `run(quick: bool) -> dict`, see bench/report.py for the shape)
+
+--quick uses a tiny model and a few calls per figure (the smoke test runs it); its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import compute, h2load, serving
+from bench.model import FULL, TINY, bench_rows, ensure_model, registry_for
+from bench.processes import REPO, ChildProcess, start_project_server, start_reference_server, wait_serving
+from bench.report import SectionResult, format_figures, format_targets, markdown, not_built
+
+log = logging.getLogger("bench")
+
+DEFAULT_OUT = REPO / "bench" / "results.json"
+QUICK_OUT = REPO / "bench" / ".cache" / "results-quick.json"
+# Sections other people are writing: module name -> section name.
+EXTERNAL_SECTIONS = {"bench.monitor_poll": "monitor-poll", "bench.reload_memory": "reload-memory"}
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("grpcio", "protobuf", "lightgbm", "numpy", "mlflow"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _guarded(name: str, sections: dict[str, dict[str, Any]], body: Callable[[], dict[str, Any]]) -> None:
+    """Run one section; a failure is recorded (with its traceback in the log) and the others still run."""
+    log.info("section %s ...", name)
+    started = time.monotonic()
+    try:
+        section = body()
+    except Exception as exc:
+        log.error("section %s failed:\n%s", name, traceback.format_exc())
+        section = SectionResult(status="failed", notes=[f"{type(exc).__name__}: {exc}"]).as_dict()
+    section["seconds"] = round(time.monotonic() - started, 1)
+    sections[name] = section
+    log.info("section %s: %s in %.1f s", name, section.get("status"), section["seconds"])
+
+
+def _normalised(raw: Any) -> dict[str, Any]:
+    """A section dict from another module: kept when it has our shape, numeric leaves listed otherwise."""
+    if not isinstance(raw, dict):
+        return SectionResult(status="failed", notes=[f"run() returned {type(raw).__name__}, not a dict"]).as_dict()
+    if isinstance(raw.get("figures"), list):
+        return {"status": "ok", "targets": [], "notes": [], **raw}
+    result = SectionResult(notes=["figures derived from the module's raw result"])
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, bool):
+            return
+        if isinstance(value, int | float):
+            result.add(prefix, "project", "n/a", float(value), "")
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+
+    walk("", raw)
+    return {**result.as_dict(), "raw": raw}
+
+
+def _external(module: str, quick: bool) -> dict[str, Any]:
+    if importlib.util.find_spec(module) is None:
+        return not_built(f"{module.replace('.', '/')}.py does not exist yet")
+    run: Callable[[bool], Any] = importlib.import_module(module).run
+    return _normalised(run(quick))
+
+
+def run_all(quick: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    spec = TINY if quick else FULL
+    model = ensure_model(spec)
+    if model.trained_seconds:
+        log.info("trained the benchmark model in %.1f s (cached for next time)", model.trained_seconds)
+    rows = bench_rows(1000 if quick else 5000)
+    sections: dict[str, dict[str, Any]] = {}
+    booster_rates: dict[int, float] = {}
+
+    def run_compute() -> dict[str, Any]:
+        section, rates = compute.run(str(model.model_file), rows, quick)
+        booster_rates.update(rates)
+        return section
+
+    log.info("model ready after %.1f s", time.monotonic() - started)
+    _guarded("compute", sections, run_compute)
+    reference_rate = float("nan")
+    with tempfile.TemporaryDirectory(prefix="tabserve-bench-") as tmp, contextlib.ExitStack() as children:
+        workdir = Path(tmp)
+        registry = registry_for(model)
+        log.info("registered versions %s in %.1f s", registry.versions, time.monotonic() - started)
+        reference = children.enter_context(
+            start_reference_server(model.model_file, workdir, registry.model_name, registry.versions[0])
+        )
+        project = children.enter_context(
+            start_project_server(registry.tracking_uri, f"models:/{registry.model_name}@production", workdir)
+        )
+        project_target = f"127.0.0.1:{project.ports['public_port']}"
+        reference_target = f"127.0.0.1:{reference.ports['public_port']}"
+        wait_serving(project_target)
+        log.info("both servers up and serving after %.1f s", time.monotonic() - started)
+
+        _guarded("serving", sections, lambda: serving.run(project_target, reference_target, rows, quick, booster_rates))
+
+        def run_h2load() -> dict[str, Any]:
+            nonlocal reference_rate
+            section, reference_rate = h2load.run(
+                h2load.ensure_h2load(), workdir, rows, project=project, reference=reference, quick=quick
+            )
+            return section
+
+        _guarded("h2load", sections, run_h2load)
+        _guarded("reload", sections, lambda: serving.run_reload(
+            project_target, control_port=int(project.ports["control_port"]),
+            metrics_port=int(project.ports["metrics_port"]), model_name=registry.model_name,
+            versions=registry.versions, rows=rows, quick=quick,
+        ))
+        children.close()  # the main servers stop before the sections that start their own
+
+        def start_server(name: str, start_timeout: float = 120.0, **overrides: Any) -> ChildProcess:
+            return start_project_server(
+                registry.tracking_uri, f"models:/{registry.model_name}@production", workdir, name, start_timeout,
+                **overrides,
+            )
+
+        _guarded("multi-worker", sections, lambda: h2load.run_multi_worker(
+            h2load.ensure_h2load(), workdir, rows, reference_rate=reference_rate, quick=quick,
+            start_server=start_server, wait_serving=wait_serving,
+        ))
+    for module, name in EXTERNAL_SECTIONS.items():
+        _guarded(name, sections, lambda module=module: _external(module, quick))  # type: ignore[misc]
+
+    targets = [t for section in sections.values() for t in section.get("targets", [])]
+    return {
+        "mode": "quick" if quick else "full",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "machine": {
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_1m_before": round(load_before[0], 2),
+            "load_average_1m_after": round(os.getloadavg()[0], 2),
+        },
+        "versions": _versions(),
+        "model": {
+            "key": spec.key(), **spec.__dict__, "trained_this_run_seconds": round(model.trained_seconds, 1),
+            "first_train_seconds": round(model.first_train_seconds, 1),
+        },
+        "runtime_seconds": round(time.monotonic() - started, 1),
+        "sections": sections,
+        "targets": targets,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, a few calls: checks the harness works")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"JSON results (default {DEFAULT_OUT.relative_to(REPO)}; "
+                             f"--quick: {QUICK_OUT.relative_to(REPO)})")
+    parser.add_argument("--markdown", type=Path, metavar="RESULTS",
+                        help="print the tables of an existing results file as Markdown, run nothing")
+    args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    results = run_all(args.quick)
+    out: Path = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    print(f"\ntabserve benchmark ({results['mode']}), {results['machine']['cores']} cores, "
+          f"commit {results['git_commit'][:10]}{' (dirty)' if results['git_dirty'] else ''}, {versions}")
+    print(f"load average before/after: {results['machine']['load_average_1m_before']}"
+          f"/{results['machine']['load_average_1m_after']}; runtime {results['runtime_seconds']} s\n")
+    print(format_figures(results["sections"]))
+    print()
+    print(format_targets(results["targets"]))
+    print(f"\nwritten to {out}")
+    return 0 if all(s.get("status") in {"ok", "not built"} for s in results["sections"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

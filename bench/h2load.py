@@ -1,0 +1,177 @@
+"""Load from h2load (Debian's nghttp2-client): gRPC unary calls over HTTP/2 at a fraction of a Python
+generator's CPU, so the server, not the generator, is what saturates the two cores.
+
+The body is prebuilt: one length-prefixed gRPC message (flag byte, 4-byte big-endian length, a serialized
+single-row ScoreRequest), sent with `content-type: application/grpc` and `te: trailers`. gRPC reports
+errors with HTTP 200 and a `grpc-status` trailer, which h2load does not read, so success is verified on
+the server side: the project's `tabserve_server_requests_total{code="OK"}` delta, and the reference
+servicer's own response counter (SIGUSR1). A run counts as failed calls whatever h2load sent that the
+server did not answer OK.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.processes import SCORE_METHOD, ChildProcess, has_setting, score_calls_by_code
+from bench.report import H2LOAD, SectionResult, Target, not_built, ratio
+from bench.serving import score_request
+
+CONNECTIONS = 16  # 16 concurrent callers, one connection each (SO_REUSEPORT spreads connections, not streams)
+
+
+@dataclass(frozen=True)
+class H2Run:
+    seconds: float
+    requests: int
+    http_ok: int  # 2xx responses (gRPC errors included: they are HTTP 200 too)
+    grpc_ok: int  # answered OK according to the server
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def failed(self) -> int:
+        return max(0, self.requests - self.grpc_ok)
+
+    @property
+    def ok_per_second(self) -> float:
+        return min(self.grpc_ok, self.http_ok) / self.seconds if self.seconds else float("nan")
+
+
+def ensure_h2load() -> str:
+    from tools.debian import ensure_command
+
+    return ensure_command("h2load", "nghttp2-client")
+
+
+def write_body(path: Path, rows: np.ndarray) -> Path:
+    message = score_request(rows).SerializeToString()
+    path.write_bytes(struct.pack(">?I", False, len(message)) + message)
+    return path
+
+
+def reference_ok_count(child: ChildProcess) -> int:
+    os.kill(child.pid, signal.SIGUSR1)
+    return int(child.read_event("count", 10.0)["ok"])
+
+
+def project_ok_count(metrics_port: int) -> int:
+    return int(score_calls_by_code(metrics_port).get("OK", 0.0))
+
+
+def h2load(
+    binary: str, port: int, body: Path, *, requests: int, log_file: Path, ok_count: Callable[[], int]
+) -> H2Run:
+    url = f"http://127.0.0.1:{port}/{SCORE_METHOD}"
+    args = [
+        binary, "-n", str(requests), "-c", str(CONNECTIONS), "-m", "1", "-t", "1", "-d", str(body),
+        "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log_file), url,
+    ]
+    before = ok_count()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    after = ok_count()
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    finished = re.search(r"finished in ([\d.]+)(m?s)", done.stdout)
+    counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", done.stdout)
+    if finished is None or counts is None:
+        raise RuntimeError(f"cannot parse h2load output: {done.stdout[-2000:]}")
+    seconds = float(finished[1]) / (1000.0 if finished[2] == "ms" else 1.0)
+    # --log-file: one line per request, "start time (µs)  HTTP status  duration (µs)".
+    durations = [int(line.split()[2]) for line in log_file.read_text().splitlines() if line.strip()]
+    micro = np.asarray(durations, dtype=np.float64)
+    return H2Run(
+        seconds=seconds, requests=int(counts[1]), http_ok=int(counts[3]), grpc_ok=after - before,
+        p50_ms=float(np.percentile(micro, 50) / 1e3) if micro.size else float("nan"),
+        p99_ms=float(np.percentile(micro, 99) / 1e3) if micro.size else float("nan"),
+    )
+
+
+def _add_runs(result: SectionResult, server: str, label: str, runs: list[H2Run]) -> float:
+    total_ok = sum(min(r.grpc_ok, r.http_ok) for r in runs)
+    seconds = sum(r.seconds for r in runs)
+    requests = sum(r.requests for r in runs)
+    rate = result.add(
+        f"{label}: verified OK throughput", server, H2LOAD, total_ok / seconds, "calls/s", samples=requests
+    )
+    result.add(f"{label}: p50", server, H2LOAD, float(np.median([r.p50_ms for r in runs])), "ms", samples=requests)
+    result.add(f"{label}: p99", server, H2LOAD, float(np.median([r.p99_ms for r in runs])), "ms", samples=requests)
+    result.add(f"{label}: failed calls", server, H2LOAD, sum(r.failed for r in runs), "calls", samples=requests)
+    return rate
+
+
+def run(
+    binary: str, workdir: Path, rows: np.ndarray, *, project: ChildProcess, reference: ChildProcess, quick: bool
+) -> tuple[dict[str, Any], float]:
+    """The section and the reference's verified single-process throughput (for the multi-worker target)."""
+    result = SectionResult()
+    body = write_body(workdir / "score-1row.grpc", rows[:1])
+    requests = 300 if quick else 15000
+    rounds = 1 if quick else 2
+    metrics_port = int(project.ports["metrics_port"])
+    servers: dict[str, tuple[int, Callable[[], int]]] = {
+        "reference": (int(reference.ports["public_port"]), lambda: reference_ok_count(reference)),
+        "project": (int(project.ports["public_port"]), lambda: project_ok_count(metrics_port)),
+    }
+    runs: dict[str, list[H2Run]] = {name: [] for name in servers}
+    for name, (port, count) in servers.items():  # warm-up, not measured
+        h2load(binary, port, body, requests=200, log_file=workdir / f"h2load-{name}-warmup.log", ok_count=count)
+    for r in range(rounds):  # alternate, so drift on a shared machine hits both alike
+        for name, (port, count) in servers.items():
+            log_file = workdir / f"h2load-{name}-{r}.log"
+            runs[name].append(h2load(binary, port, body, requests=requests, log_file=log_file, ok_count=count))
+    label = f"single row, {CONNECTIONS} connections"
+    rates = {name: _add_runs(result, name, label, name_runs) for name, name_runs in runs.items()}
+    failed = sum(r.failed for r in runs["project"])
+    result.targets.append(Target(
+        "single-row throughput, one process", ratio(rates["project"], rates["reference"]), 1.0, False,
+        f"verified OK calls/s, project / reference, h2load {CONNECTIONS} connections x 1 stream",
+        extra_ok=failed == 0, detail=f"{failed} failed calls" if failed else "",
+    ))
+    return result.as_dict(), rates["reference"]
+
+
+# --- multi-worker (SO_REUSEPORT): the server side is being built elsewhere -----------------------
+
+
+def run_multi_worker(
+    binary: str, workdir: Path, rows: np.ndarray, *, reference_rate: float, quick: bool,
+    start_server: Callable[..., ChildProcess], wait_serving: Callable[[str], None],
+) -> dict[str, Any]:
+    """Several worker processes on one port vs the single-process reference (target >= 1.6x)."""
+    if not has_setting("workers"):
+        return not_built("ServerSettings has no `workers` setting yet (multi-worker server not built)")
+    result = SectionResult()
+    workers = os.cpu_count() or 1
+    body = write_body(workdir / "score-1row-mw.grpc", rows[:1])
+    server = start_server(name="multi-worker", start_timeout=240.0, workers=workers)
+    try:
+        port = int(server.ports["public_port"])
+        wait_serving(f"127.0.0.1:{port}")
+        metrics_port = int(server.ports["metrics_port"])
+        count = lambda: project_ok_count(metrics_port)  # noqa: E731
+        h2load(binary, port, body, requests=200, log_file=workdir / "h2load-mw-warmup.log", ok_count=count)
+        time.sleep(0.2)
+        requests = 300 if quick else 20000
+        runs = [h2load(binary, port, body, requests=requests, log_file=workdir / "h2load-mw.log", ok_count=count)]
+    finally:
+        server.stop()
+    rate = _add_runs(result, f"project, {workers} workers", f"single row, {CONNECTIONS} connections", runs)
+    result.targets.append(Target(
+        "multi-worker throughput vs single-process reference", ratio(rate, reference_rate), 1.6, False,
+        f"verified OK calls/s, {workers} workers (SO_REUSEPORT) / reference, h2load",
+        extra_ok=runs[0].failed == 0,
+    ))
+    result.notes.append("success verified from the metrics endpoint: assumes it aggregates all workers")
+    return result.as_dict()
