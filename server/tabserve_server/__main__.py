@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from tabserve_server.app import ServingApp
 from tabserve_server.settings import ServerSettings
+from tabserve_server.supervisor import Supervisor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
-        app = ServingApp(settings)
+        app: ServingApp | Supervisor = ServingApp(settings) if settings.workers == 1 else Supervisor(settings)
         app.start()
     except (ValueError, RuntimeError) as exc:
         logging.getLogger("tabserve_server").error("cannot start: %s", exc)

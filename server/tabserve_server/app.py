@@ -66,7 +66,11 @@ def loader_config(settings: ServerSettings) -> LoaderConfig:
 
 
 class ServingApp:
-    """One server process. `start()` binds every listener and begins loading; `stop()` drains."""
+    """One server process. `start()` binds every listener and begins loading; `stop()` drains.
+
+    `supervised`: a worker of a multi-worker server (supervisor.py): the public port is shared
+    (SO_REUSEPORT) and nothing is loaded until the supervisor states the aspired version.
+    """
 
     def __init__(
         self,
@@ -74,11 +78,13 @@ class ServingApp:
         *,
         loader: ModelLoader | None = None,
         registry: CollectorRegistry | None = None,
+        supervised: bool = False,
     ) -> None:
         host, _ = split_address(settings.control_address)
         if not _is_loopback(host) and not settings.control_token:
             raise ValueError(f"control_address {settings.control_address} is not loopback: set control_token")
         self.settings = settings
+        self.supervised = supervised
         self.metrics = ServerMetrics(registry or CollectorRegistry())
         self.loader = loader or ModelLoader(loader_config(settings))
         self.manager = ModelManager(
@@ -110,7 +116,7 @@ class ServingApp:
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.supervised else 0),
         ]
         self._public = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.max_workers, thread_name_prefix="public"),
@@ -151,6 +157,8 @@ class ServingApp:
         self._public.start()
         self._control.start()
         self.manager.start()
+        if self.supervised:
+            return
         self.manager.set_aspired(
             AspiredVersion(model_name=s.model_name or model_name_from_uri(s.model_uri), version="",
                            model_uri=s.model_uri)

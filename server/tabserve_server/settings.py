@@ -118,6 +118,7 @@ class ServerSettings:
     max_rows: int = setting(100_000, "Largest number of rows in one request (RESOURCE_EXHAUSTED above).")
     max_workers: int = setting(16, "gRPC worker threads of the public listener.")
     max_concurrent_rpcs: int = setting(0, "Concurrent public RPCs before RESOURCE_EXHAUSTED; 0: unlimited.")
+    workers: int = setting(1, "Worker processes sharing the public port (SO_REUSEPORT); 0: one per core.")
     predict_threads: int = setting(0, "LightGBM threads for batch prediction; 0: number of cores.")
     shutdown_grace_seconds: float = setting(10.0, "On SIGTERM, how long in-flight calls may take to finish.")
     registry_timeout_seconds: float = setting(10.0, "Timeout of one HTTP request to the MLflow server.")

@@ -7,6 +7,9 @@ Contract (after TF Serving's AspiredVersionsManager with the availability-preser
   runs entirely on it, and scoring never waits for a load.
 - A failed load leaves the served version in place; the failure is kept in `status()` and the same
   version is retried with exponential back-off.
+- A statement with `stage_only` (used by the multi-worker supervisor) loads and validates as usual
+  but holds the model staged instead of swapping it in; `commit_staged()` swaps it. A newer
+  statement discards a staged model that does not satisfy it.
 - With nothing served and the aspired version failing (for example the registry is down at
   start-up), the last validated model in the local cache is served, and status says so.
 """
@@ -33,6 +36,7 @@ class LoadState(Enum):
     IDLE = "idle"
     LOADING = "loading"
     FAILED = "failed"
+    STAGED = "staged"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class ManagerStatus:
     next_attempt_at: datetime | None
     failed_attempts: int
     failed_version: str
+    staged: LoadedModel | None = None
 
 
 SwapListener = Callable[[LoadedModel, LoadedModel | None], None]
@@ -66,6 +71,8 @@ class ModelManager:
         self._retry_max = retry_max_seconds
         self._current: LoadedModel | None = None
         self._aspired: AspiredVersion | None = None
+        self._stage_only = False
+        self._staged: tuple[LoadedModel, Callable[[], None]] | None = None  # model, cache commit
         self._state = LoadState.IDLE
         self._failure: tuple[AspiredVersion, int, str, datetime, float] | None = None  # aspired, n, error, at, retry
         self._lock = threading.Lock()
@@ -83,12 +90,19 @@ class ModelManager:
 
     # --- the control path -------------------------------------------------------------------
 
-    def set_aspired(self, aspired: AspiredVersion) -> bool:
-        """State what should be served; returns whether it is served already."""
+    def set_aspired(self, aspired: AspiredVersion, stage_only: bool = False) -> bool:
+        """State what should be served; returns whether it is served already.
+
+        With `stage_only` the loaded, validated model is held until `commit_staged()`.
+        """
         with self._lock:
             if aspired != self._aspired:
-                log.info("aspired version: %s %s (%s)", aspired.model_name, aspired.version or "-", aspired.model_uri)
+                log.info("aspired version: %s %s (%s)%s", aspired.model_name, aspired.version or "-",
+                         aspired.model_uri, " staged only" if stage_only else "")
             self._aspired = aspired
+            self._stage_only = stage_only
+            if self._staged is not None and not self._staged[0].satisfies(aspired):
+                self._staged = None
             current = self._current
         self._wake.set()
         return current is not None and current.satisfies(aspired)
@@ -107,7 +121,22 @@ class ModelManager:
                 ),
                 failed_attempts=failure[1] if failure else 0,
                 failed_version=(failure[0].version or failure[0].model_uri) if failure else "",
+                staged=self._staged[0] if self._staged else None,
             )
+
+    def commit_staged(self, aspired: AspiredVersion) -> bool:
+        """Swap in the staged model if it satisfies `aspired`; True when `aspired` is served afterwards."""
+        with self._lock:
+            if self._current is not None and self._current.satisfies(aspired):
+                return True
+            staged = self._staged
+            if staged is None or not staged[0].satisfies(aspired):
+                return False
+            self._staged = None
+        self._swap(staged[0])
+        staged[1]()
+        self._wake.set()
+        return True
 
     def on_swap(self, listener: SwapListener) -> None:
         self._swap_listeners.append(listener)
@@ -131,6 +160,14 @@ class ModelManager:
         while not self._stopping.is_set():
             with self._lock:
                 aspired, current, failure = self._aspired, self._current, self._failure
+                staged, stage_only = self._staged, self._stage_only
+            if aspired is not None and staged is not None and staged[0].satisfies(aspired):
+                if stage_only:
+                    self._settle(aspired)
+                    self._wait(None)
+                    continue
+                if self.commit_staged(aspired):
+                    continue
             if aspired is None or (current is not None and current.satisfies(aspired)):
                 self._settle(aspired)
                 self._wait(None)
@@ -149,7 +186,10 @@ class ModelManager:
         with self._lock:
             if self._failure is not None and self._failure[0] != aspired:
                 self._failure = None
-            self._state = LoadState.FAILED if self._failure is not None else LoadState.IDLE
+            if self._failure is not None:
+                self._state = LoadState.FAILED
+            else:
+                self._state = LoadState.STAGED if self._staged is not None else LoadState.IDLE
 
     def _attempt(self, aspired: AspiredVersion) -> None:
         with self._lock:
@@ -168,6 +208,18 @@ class ModelManager:
             superseded = self._aspired != aspired and self._current is not None
         if superseded:
             log.info("discarding %s %s: a newer aspired version arrived during the load", model.name, model.version)
+            return
+        with self._lock:
+            # Under a supervisor even a first, superseded load waits for the commit: workers never diverge.
+            stage = self._stage_only
+            if stage:
+                self._staged = (model, commit)
+                self._failure = None
+                self._state = LoadState.STAGED
+        if stage:
+            log.info("staged %s version %s: swapped in on commit", model.name, model.version)
+            for listener in self._load_listeners:
+                listener(aspired, True, time.monotonic() - started, "")
             return
         self._swap(model)
         commit()

@@ -12,13 +12,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
 from tabserve_server.core.loading import model_name_from_uri
 from tabserve_server.core.manager import LoadState, ModelManager
-from tabserve_server.core.model import AspiredVersion
+from tabserve_server.core.model import AspiredVersion, LoadedModel
 from tabserve_server.errors import InvalidInput, PermissionDenied, Unauthenticated
 
 _STATE = {
     LoadState.IDLE: control_pb2.LOAD_STATE_IDLE,
     LoadState.LOADING: control_pb2.LOAD_STATE_LOADING,
     LoadState.FAILED: control_pb2.LOAD_STATE_FAILED,
+    LoadState.STAGED: control_pb2.LOAD_STATE_STAGED,
 }
 
 
@@ -30,36 +31,59 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
     return stamp
 
 
+def authorize(token: str, context: grpc.ServicerContext) -> None:
+    """Check the bearer token of a control call (no token configured: loopback only, nothing to check)."""
+    if not token:
+        return
+    supplied = dict(context.invocation_metadata()).get("authorization")
+    if not supplied:
+        raise Unauthenticated("control call without credentials: send 'authorization: Bearer <token>'")
+    if not hmac.compare_digest(str(supplied).encode(), f"Bearer {token}".encode()):
+        raise PermissionDenied("control token rejected")
+
+
+def aspired_from_message(wanted: Any) -> AspiredVersion:
+    if not wanted.model_uri:
+        raise InvalidInput("aspired.model_uri is required (pinned, e.g. models:/NAME/VERSION)")
+    return AspiredVersion(
+        model_name=wanted.model_name or model_name_from_uri(wanted.model_uri),
+        version=wanted.version,
+        model_uri=wanted.model_uri,
+    )
+
+
+def aspired_message(aspired: AspiredVersion) -> Any:
+    return control_pb2.AspiredVersion(
+        model_name=aspired.model_name, version=aspired.version, model_uri=aspired.model_uri
+    )
+
+
+def _served_message(model: LoadedModel) -> Any:
+    return control_pb2.ServedVersion(
+        model_name=model.name, version=model.version, source_uri=model.source_uri,
+        loaded_from=model.loaded_from.value, loaded_at=_timestamp(model.loaded_at),
+    )
+
+
 class ControlServicer(control_pb2_grpc.ModelControlServicer):
     def __init__(self, manager: ModelManager, token: str, accepting: Any) -> None:
         self._manager = manager
         self._token = token
         self._accepting = accepting
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        if not self._token:
-            return
-        supplied = dict(context.invocation_metadata()).get("authorization")
-        if not supplied:
-            raise Unauthenticated("control call without credentials: send 'authorization: Bearer <token>'")
-        if not hmac.compare_digest(str(supplied).encode(), f"Bearer {self._token}".encode()):
-            raise PermissionDenied("control token rejected")
-
     def SetAspiredVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
-        wanted = request.aspired
-        if not wanted.model_uri:
-            raise InvalidInput("aspired.model_uri is required (pinned, e.g. models:/NAME/VERSION)")
-        aspired = AspiredVersion(
-            model_name=wanted.model_name or model_name_from_uri(wanted.model_uri),
-            version=wanted.version,
-            model_uri=wanted.model_uri,
-        )
-        already = self._manager.set_aspired(aspired)
+        authorize(self._token, context)
+        aspired = aspired_from_message(request.aspired)
+        already = self._manager.set_aspired(aspired, stage_only=request.stage_only)
         return control_pb2.SetAspiredVersionResponse(already_serving=already, status=self._status())
 
+    def CommitStaged(self, request: Any, context: grpc.ServicerContext) -> Any:
+        authorize(self._token, context)
+        serving = self._manager.commit_staged(aspired_from_message(request.aspired))
+        return control_pb2.CommitStagedResponse(serving=serving, status=self._status())
+
     def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._authorize(context)
+        authorize(self._token, context)
         return self._status()
 
     def _status(self) -> Any:
@@ -74,18 +98,9 @@ class ControlServicer(control_pb2_grpc.ModelControlServicer):
             accepting_requests=bool(self._accepting()),
         )
         if status.serving is not None:
-            model = status.serving
-            response.serving.CopyFrom(
-                control_pb2.ServedVersion(
-                    model_name=model.name, version=model.version, source_uri=model.source_uri,
-                    loaded_from=model.loaded_from.value, loaded_at=_timestamp(model.loaded_at),
-                )
-            )
+            response.serving.CopyFrom(_served_message(status.serving))
+        if status.staged is not None:
+            response.staged.CopyFrom(_served_message(status.staged))
         if status.aspired is not None:
-            response.aspired.CopyFrom(
-                control_pb2.AspiredVersion(
-                    model_name=status.aspired.model_name, version=status.aspired.version,
-                    model_uri=status.aspired.model_uri,
-                )
-            )
+            response.aspired.CopyFrom(aspired_message(status.aspired))
         return response

@@ -44,6 +44,11 @@ class ModelControlStub:
                 request_serializer=tabserve_dot_control_dot_v1_dot_control__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=tabserve_dot_control_dot_v1_dot_control__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.CommitStaged = channel.unary_unary(
+                '/tabserve.control.v1.ModelControl/CommitStaged',
+                request_serializer=tabserve_dot_control_dot_v1_dot_control__pb2.CommitStagedRequest.SerializeToString,
+                response_deserializer=tabserve_dot_control_dot_v1_dot_control__pb2.CommitStagedResponse.FromString,
+                _registered_method=True)
 
 
 class ModelControlServicer:
@@ -61,6 +66,14 @@ class ModelControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitStaged(self, request, context):
+        """Swap in the version held staged by SetAspiredVersion(stage_only). Used by the multi-worker
+        supervisor once every worker has staged it; idempotent (true when it is served already).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +86,11 @@ def add_ModelControlServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=tabserve_dot_control_dot_v1_dot_control__pb2.GetStatusRequest.FromString,
                     response_serializer=tabserve_dot_control_dot_v1_dot_control__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'CommitStaged': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitStaged,
+                    request_deserializer=tabserve_dot_control_dot_v1_dot_control__pb2.CommitStagedRequest.FromString,
+                    response_serializer=tabserve_dot_control_dot_v1_dot_control__pb2.CommitStagedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +147,33 @@ class ModelControl:
             '/tabserve.control.v1.ModelControl/GetStatus',
             tabserve_dot_control_dot_v1_dot_control__pb2.GetStatusRequest.SerializeToString,
             tabserve_dot_control_dot_v1_dot_control__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitStaged(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tabserve.control.v1.ModelControl/CommitStaged',
+            tabserve_dot_control_dot_v1_dot_control__pb2.CommitStagedRequest.SerializeToString,
+            tabserve_dot_control_dot_v1_dot_control__pb2.CommitStagedResponse.FromString,
             options,
             channel_credentials,
             insecure,

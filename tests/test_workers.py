@@ -1,0 +1,223 @@
+"""A multi-worker server (workers=2) as real processes against a SQLite registry: one version everywhere,
+two-phase reloads, aggregated status and metrics, worker restarts, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve_client import ScoringClient
+from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
+from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
+
+ROWS = make_applicants(3, seed=99)[0]
+SCORE = "tabserve.scoring.v1.Scoring/Score"
+
+
+@pytest.fixture(scope="module")
+def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return bootstrap_embedded_registry(tmp_path_factory.mktemp("workers-registry"), model_name=MODEL_NAME)
+
+
+class Server:
+    def __init__(self, registry_uri: str, cache_dir: Path) -> None:
+        self.process = ServerProcess(server_settings(registry_uri, cache_dir, workers=2))
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{self.process.control_port}")
+        self.control = control_pb2_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def status(self) -> Any:
+        return self.control.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
+
+    def state(self, version: str) -> Any:
+        aspired = control_pb2.AspiredVersion(model_name=MODEL_NAME, version=version,
+                                             model_uri=f"models:/{MODEL_NAME}/{version}")
+        return self.control.SetAspiredVersion(control_pb2.SetAspiredVersionRequest(aspired=aspired), timeout=10)
+
+    def settled_on(self, version: str) -> Any:
+        """The status once every worker serves `version`, accepts requests and has nothing pending; else None."""
+        status = self.status()
+        workers_ok = len(status.workers) == 2 and all(
+            w.up and w.status.serving.version == version and w.status.accepting_requests for w in status.workers
+        )
+        ok = (status.serving.version == version and status.load_state == control_pb2.LOAD_STATE_IDLE
+              and status.accepting_requests and workers_ok)
+        return status if ok else None
+
+    def close(self) -> None:
+        self._channel.close()
+        self.process.terminate(30)
+        self.process.__exit__()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def score_calls(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+    return metrics.get(("tabserve_server_requests_total", (("code", "OK"), ("method", SCORE))), 0.0)
+
+
+def versions_over_fresh_channels(target: str, channels: int, calls: int = 2) -> list[str]:
+    """Each ScoringClient opens its own channel (a new connection, so the kernel picks a worker)."""
+    found = []
+    for _ in range(channels):
+        with ScoringClient(target, timeout=10) as client:
+            found += [client.score(ROWS).model_version for _ in range(calls)]
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(registry_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(registry_uri, tmp_path_factory.mktemp("workers-cache"))
+    try:
+        wait_for(lambda: server.settled_on("1"), timeout=120, interval=0.2, what="both workers serve version 1")
+        yield server
+    finally:
+        server.close()
+
+
+def test_every_worker_answers_with_one_version(server: Server) -> None:
+    assert set(versions_over_fresh_channels(server.process.target, channels=30)) == {"1"}
+    status = server.status()
+    pids = {w.pid for w in status.workers}
+    assert len(pids) == 2 and os.getpid() not in pids
+    # Both workers took connections (the chance that 30 connections all hash to one is 2**-29).
+    per_worker = [score_calls(scrape(w.metrics_port)) for w in status.workers]
+    assert all(calls > 0 for calls in per_worker), per_worker
+
+
+def test_metrics_sum_across_workers(server: Server) -> None:
+    versions_over_fresh_channels(server.process.target, channels=10)
+    status = server.status()
+    per_worker = [scrape(w.metrics_port) for w in status.workers]
+    total = scrape(server.process.metrics_port)
+    assert score_calls(total) == sum(score_calls(m) for m in per_worker) > 0
+    rows = ("tabserve_server_rows_scored_total", ())
+    assert total[rows] == sum(m[rows] for m in per_worker)
+    count = ("tabserve_server_prediction_score_count", ())
+    assert total[count] == sum(m[count] for m in per_worker) == total[rows]
+    assert total[("tabserve_server_workers", ())] == 2
+    assert total[("tabserve_server_serving", ())] == 1
+    assert total[("tabserve_server_model_load_failing", ())] == 0
+    info = [k for k in total if k[0] == "tabserve_server_model_info"]
+    assert len(info) == 1 and ("model_version", "1") in info[0][1]
+
+
+def test_reload_reaches_all_workers_without_failed_calls(server: Server, registry_uri: str) -> None:
+    version = register_demo_version(registry_uri, MODEL_NAME, seed=2, alias=None)
+    assert version == "2"
+    seen: list[str] = []
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def score_continuously() -> None:
+        while not done.is_set():
+            try:  # a fresh channel every few calls, so calls keep landing on both workers
+                with ScoringClient(server.process.target, timeout=10) as client:
+                    seen.extend(client.score(ROWS).model_version for _ in range(5))
+            except Exception as exc:
+                failures.append(exc)
+
+    scorers = [threading.Thread(target=score_continuously, daemon=True) for _ in range(3)]
+    for thread in scorers:
+        thread.start()
+    try:
+        wait_for(lambda: len(seen) >= 20, timeout=30, what="first responses")
+        response = server.state(version)
+        assert not response.already_serving
+        wait_for(lambda: server.settled_on("2"), timeout=90, interval=0.2, what="both workers serve version 2")
+        settled = len(seen)
+        wait_for(lambda: len(seen) >= settled + 20, timeout=30, what="responses after the reload")
+    finally:
+        done.set()
+        for thread in scorers:
+            thread.join(20)
+    assert not failures, failures[:3]
+    assert set(seen) == {"1", "2"}
+    assert set(versions_over_fresh_channels(server.process.target, channels=10)) == {"2"}
+
+
+@pytest.mark.parametrize(("broken", "explains"), [("missing_artifacts", "missing"), ("wrong_features", "feature")])
+def test_broken_version_is_refused_everywhere(
+    server: Server, registry_uri: str, broken: str, explains: str
+) -> None:
+    good = server.status().serving.version
+    version = register_demo_version(registry_uri, MODEL_NAME, seed=7, alias=None, broken=broken)
+    server.state(version)
+
+    def failed() -> Any:
+        status = server.status()
+        return status if status.load_state == control_pb2.LOAD_STATE_FAILED and status.failed_version == version \
+            else None
+
+    status = wait_for(failed, timeout=60, interval=0.2, what=f"failed load of broken version {version}")
+    print(f"{broken}: {status.last_error}")
+    assert status.serving.version == good and status.aspired.version == version
+    assert status.last_error.startswith("worker ") and explains in status.last_error.lower()
+    assert status.accepting_requests
+    for worker in status.workers:
+        assert worker.status.serving.version == good
+        assert not worker.status.staged.model_name or worker.status.staged.version != version
+    assert set(versions_over_fresh_channels(server.process.target, channels=6)) == {good}
+    server.state(good)  # back to the good version: the failure is history
+    wait_for(lambda: server.settled_on(good), timeout=30, interval=0.2, what="settled back on the good version")
+    assert server.status().last_error == ""
+
+
+def test_killed_worker_is_restarted_and_serves_the_same_version(server: Server) -> None:
+    version = server.status().serving.version
+    before = server.status()
+    calls_before = score_calls(scrape(server.process.metrics_port))
+    victim = before.workers[1].pid
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> Any:
+        status = server.settled_on(version)
+        return status if status is not None and status.workers[1].pid != victim else None
+
+    status = wait_for(replaced, timeout=120, interval=0.2, what="worker 1 restarted and serving")
+    assert status.workers[1].restarts == 1
+    assert set(versions_over_fresh_channels(server.process.target, channels=10)) == {version}
+    total = scrape(server.process.metrics_port)
+    assert total[("tabserve_server_worker_restarts_total", ())] == 1
+    assert total[("tabserve_server_workers", ())] == 2
+    # Counters stay monotonic: the dead worker's last scraped counts are carried over.
+    assert score_calls(total) >= calls_before
+
+
+def test_sigterm_drains_every_worker_and_exits_zero(registry_uri: str, tmp_path: Path) -> None:
+    server = Server(registry_uri, tmp_path / "cache")
+    try:
+        status = wait_for(lambda: server.settled_on(server.status().serving.version or "-"), timeout=120,
+                          interval=0.2, what="serving")
+        pids = [w.pid for w in status.workers]
+        assert server.process.terminate(60) == 0
+        for pid in pids:
+            wait_for(lambda pid=pid: not _alive(pid), timeout=10, what=f"worker {pid} gone")
+    finally:
+        server.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0) until its parent reaps it; the parent exited, so init reaps it soon.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
