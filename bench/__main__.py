@@ -121,15 +121,8 @@ def run_all(quick: bool) -> dict[str, Any]:
         log.info("trained the benchmark model in %.1f s (cached for next time)", model.trained_seconds)
     rows = bench_rows(1000 if quick else 5000)
     sections: dict[str, dict[str, Any]] = {}
-    booster_rates: dict[int, float] = {}
-
-    def run_compute() -> dict[str, Any]:
-        section, rates = compute.run(str(model.model_file), rows, quick)
-        booster_rates.update(rates)
-        return section
-
     log.info("model ready after %.1f s", time.monotonic() - started)
-    _guarded("compute", sections, run_compute)
+    _guarded("compute", sections, lambda: compute.run(str(model.model_file), rows, quick))
     reference_rate = float("nan")
     with tempfile.TemporaryDirectory(prefix="tabserve-bench-") as tmp, contextlib.ExitStack() as children:
         workdir = Path(tmp)
@@ -146,7 +139,9 @@ def run_all(quick: bool) -> dict[str, Any]:
         wait_serving(project_target)
         log.info("both servers up and serving after %.1f s", time.monotonic() - started)
 
-        _guarded("serving", sections, lambda: serving.run(project_target, reference_target, rows, quick, booster_rates))
+        _guarded("serving", sections, lambda: serving.run(
+            project_target, reference_target, rows, quick, str(model.model_file)
+        ))
 
         def run_h2load() -> dict[str, Any]:
             nonlocal reference_rate
