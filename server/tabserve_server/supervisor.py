@@ -343,6 +343,7 @@ class Supervisor:
         )
         if any(a is None for a in answers) or self._stopping.is_set():
             return  # a worker is (re)starting: a new version is swapped only when every worker can swap
+        self._note_agreement([a.status for a in answers])
         # After set_aspired a worker keeps a staged model only if it satisfies the statement.
         ready = [a.status.staged.version if not a.already_serving else a.status.serving.version for a in answers
                  if a.already_serving or a.status.staged.model_name]
@@ -372,9 +373,9 @@ class Supervisor:
         response = control_pb2.GetStatusResponse(aspired=aspired_message(self.aspired()))
         complete = all(s is not None for s in statuses)
         served = {_served(s) for s in statuses if s is not None}
+        if complete:
+            self._note_agreement(statuses)
         with self._lock:
-            if complete and len(served) == 1 and None not in served:
-                self._agreed = statuses[0].serving
             agreed = self._agreed
         if agreed is not None:
             response.serving.CopyFrom(agreed)
@@ -399,6 +400,13 @@ class Supervisor:
             if status is not None:
                 entry.status.CopyFrom(status)
         return response
+
+    def _note_agreement(self, statuses: list[Any]) -> None:
+        """Remember the version when every worker serves the same one (reported during a swap window)."""
+        served = {_served(s) for s in statuses}
+        if len(served) == 1 and None not in served:
+            with self._lock:
+                self._agreed = statuses[0].serving
 
     # --- metrics ----------------------------------------------------------------------------
 
