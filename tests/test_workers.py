@@ -13,10 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
 from tabserve_client import ScoringClient
+from tabserve_server.app import ServingApp
+from tabserve_server.core.model import AspiredVersion
 from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
 from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
 
@@ -77,6 +80,35 @@ def versions_over_fresh_channels(target: str, channels: int, calls: int = 2) -> 
         with ScoringClient(target, timeout=10) as client:
             found += [client.score(ROWS).model_version for _ in range(calls)]
     return found
+
+
+def test_supervised_worker_holds_a_staged_version_until_commit(registry_uri: str, tmp_path: Path) -> None:
+    """In-process: the two-phase reload of one worker, and LOAD_STATE_STAGED on its control port."""
+    app = ServingApp(server_settings(registry_uri, tmp_path / "cache"), registry=CollectorRegistry(), supervised=True)
+    app.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{app.control_port}")
+    try:
+        control = control_pb2_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
+        assert app.manager.status().aspired is None  # a supervised worker loads nothing on its own
+        one = AspiredVersion(MODEL_NAME, "1", f"models:/{MODEL_NAME}/1")
+        app.manager.set_aspired(one, stage_only=True)
+
+        def staged() -> Any:
+            status = control.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
+            return status if status.load_state == control_pb2.LOAD_STATE_STAGED else None
+
+        status = wait_for(staged, timeout=60, what="version 1 staged")
+        assert status.staged.version == "1" and not status.serving.model_name and not status.accepting_requests
+        assert app.manager.current() is None
+        assert not app.manager.commit_staged(AspiredVersion(MODEL_NAME, "9", f"models:/{MODEL_NAME}/9"))
+        commit = control.CommitStaged(control_pb2.CommitStagedRequest(aspired=control_pb2.AspiredVersion(
+            model_name=MODEL_NAME, version="1", model_uri=f"models:/{MODEL_NAME}/1")), timeout=10)
+        assert commit.serving and commit.status.serving.version == "1" and commit.status.accepting_requests
+        assert not commit.status.staged.model_name
+        assert app.manager.commit_staged(one)  # idempotent
+    finally:
+        channel.close()
+        app.stop(0)
 
 
 @pytest.fixture(scope="module")

@@ -219,10 +219,12 @@ class Supervisor:
 
     def _worker_settings(self, index: int) -> ServerSettings:
         # Each worker has its own cache directory: concurrent commits to one cache would delete each other's entries.
+        # "0: number of cores" for batch prediction threads is shared out, so N workers do not oversubscribe.
+        threads = self.settings.predict_threads or max(1, (os.cpu_count() or 1) // self.count)
         return dataclasses.replace(
             self.settings, address=self._public_address, control_address="127.0.0.1:0",
             metrics_address="127.0.0.1:0", cache_dir=str(Path(self.settings.cache_dir) / f"worker-{index}"),
-            workers=1,
+            predict_threads=threads, workers=1,
         )
 
     def _spawn(self, worker: _Worker) -> None:
