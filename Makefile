@@ -8,7 +8,7 @@ DATA   ?= data
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN_DIR := clients
 
-.PHONY: venv run test lint protos protos-check demo-model bench clean
+.PHONY: venv run test lint protos protos-check demo demo-model bench clean
 
 venv: $(STAMP)
 
@@ -27,7 +27,7 @@ protos-check: $(STAMP)
 	$(PY) tools/gen_protos.py --out $(GEN_DIR) --check
 
 lint: $(STAMP)
-	$(PY) -m ruff check server clients monitor tests tools
+	$(PY) -m ruff check server clients monitor tests tools bench
 	$(PY) -m mypy
 
 test: $(STAMP) protos-check lint
@@ -36,6 +36,16 @@ test: $(STAMP) protos-check lint
 ## run: embedded default: local SQLite registry + demo model under $(DATA)/, server in the foreground
 run: $(STAMP)
 	$(PY) -m tabserve_server.embedded --data-dir $(DATA)
+
+## demo: scripted tour in a fresh temporary registry: score, promote a version and watch the switch,
+## promote a broken one and watch it refused while the good one keeps serving; exits 0 when all held
+demo: $(STAMP)
+	$(PY) -m tabserve_server.demo_tour
+
+## bench: the benchmark (not part of test): compute limit, reference servicer, this server, reloads under
+## load, the monitor's poll cost; prints a table and writes bench/results.json (about 15 minutes)
+bench: $(STAMP)
+	$(PY) -m bench --out bench/results.json
 
 ## demo-model: train and register another demo model version and move the production alias to it
 demo-model: $(STAMP)

@@ -58,6 +58,7 @@ def test_expected_alerts_exist() -> None:
         "TabserveServedModelStale",
         "TabserveReloadFailing",
         "TabserveNotServing",
+        "TabserveCanaryFailing",
         "TabserveHighErrorRate",
         "TabserveHighLatency",
         "TabserveTargetAmbiguous",

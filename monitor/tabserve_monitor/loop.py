@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import Problem, RegistryError, RegistryWatcher, Resolution, Target
 from tabserve_monitor.settings import MonitorSettings
@@ -66,6 +68,9 @@ class Monitor:
         self._public_channel = grpc.insecure_channel(settings.public_address, options=_CHANNEL_OPTIONS)
         self._control = control_pb2_grpc.ModelControlStub(self._control_channel)
         self._health = health_pb2_grpc.HealthStub(self._public_channel)
+        self._scoring = scoring_pb2_grpc.ScoringStub(self._public_channel)
+        self._canary_request: Any = None  # sized for the version in `_canary_version`
+        self._canary_version = ""
         self._metadata = (("authorization", f"Bearer {settings.control_token}"),) if settings.control_token else ()
         self._target: Target | None = None
         self._served: str | None = None  # None: not observed yet
@@ -113,6 +118,7 @@ class Monitor:
         self.metrics.target_version.set(_version_number(target.version) if target else 0)
         status = self._state_and_verify(target)
         self._probe_health()
+        self._probe_canary()
         server_ok = status is not None
         if not registry_ok:
             self.metrics.polls.labels("registry_error").inc()
@@ -218,3 +224,33 @@ class Monitor:
             self.metrics.server_up.set(0)
             return
         self.metrics.server_up.set(1 if response.status == health_pb2.HealthCheckResponse.SERVING else 0)
+
+    def _probe_canary(self) -> None:
+        """Score one row as a client would. The row is all NaN ("missing"), sized from GetModelInfo."""
+        if not self.settings.canary:
+            return
+        timeout = self.settings.rpc_timeout_seconds
+        ok = False
+        try:
+            if self._canary_request is None:
+                info = self._scoring.GetModelInfo(scoring_pb2.GetModelInfoRequest(), timeout=timeout)
+                request = scoring_pb2.ScoreRequest()
+                request.matrix.float64_le = np.full(len(info.features), np.nan, dtype="<f8").tobytes()
+                request.matrix.num_rows = 1
+                self._canary_request, self._canary_version = request, info.version
+            started = time.perf_counter()
+            response = self._scoring.Score(self._canary_request, timeout=timeout)
+            self.metrics.canary_duration.observe(time.perf_counter() - started)
+            scores = list(response.scores)
+            ok = len(scores) == 1 and 0.0 <= scores[0] <= 1.0
+            if not ok:
+                log.warning("canary: unexpected answer from version %s: %s", response.model_version, scores)
+            if response.model_version != self._canary_version:
+                self._canary_request = None  # a new version may have another feature count: resize next time
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                self._canary_request = None
+            log.warning("canary Score on %s failed: %s", self.settings.public_address, code)
+        self.metrics.canary_up.set(1 if ok else 0)
+        self.metrics.canary_requests.labels("success" if ok else "failure").inc()

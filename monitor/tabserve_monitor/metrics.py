@@ -36,6 +36,16 @@ class MonitorMetrics:
         self.reloads = Counter(PREFIX + "reloads", "Reloads observed on the server, by result: success, failure.",
                                ["result"], registry=registry)
         self.server_up = gauge("server_up", "1 when the server's grpc.health.v1 Check answers SERVING.")
+        self.canary_up = gauge("canary_up", "1 when the last canary Score request on the public port succeeded.")
+        self.canary_requests = Counter(
+            PREFIX + "canary_requests", "Canary Score requests (one all-missing row), by result: success, failure.",
+            ["result"], registry=registry,
+        )
+        self.canary_duration = Histogram(
+            PREFIX + "canary_duration_seconds", "Round trip of one canary Score request, as a client sees it.",
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
         self.control_up = gauge("control_up", "1 when the last control call (SetAspiredVersion, GetStatus) succeeded.")
         self.target_ambiguous = gauge("target_ambiguous", "1 when the followed stage holds more than one version.")
         self.alias_dangling = gauge(
@@ -45,5 +55,6 @@ class MonitorMetrics:
         self.target_not_ready = gauge("target_not_ready", "1 when the target version's status is not READY.")
         for result in ("success", "failure"):
             self.reloads.labels(result)
+            self.canary_requests.labels(result)
         for result in ("success", "registry_error", "server_error"):
             self.polls.labels(result)

@@ -27,6 +27,9 @@ class MonitorSettings:
     control_address: str = setting("127.0.0.1:50052", "Control listener of the server (SetAspiredVersion, GetStatus).")
     control_token: str = setting("", "Bearer token sent on control calls; empty: none.")
     public_address: str = setting("127.0.0.1:50051", "Public listener of the server, probed with grpc.health.v1.")
+    canary: bool = setting(
+        True, "Each poll, score one all-missing row (NaN = missing) on the public port and record the result."
+    )
     metrics_address: str = setting("0.0.0.0:9101", "Prometheus /metrics listener (host:port; port 0 picks one).")
     backoff_max_seconds: float = setting(60.0, "Longest wait between polls after consecutive failures.")
     rpc_timeout_seconds: float = setting(5.0, "Deadline of each call to the server and of one registry HTTP request.")

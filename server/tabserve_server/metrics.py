@@ -5,6 +5,7 @@ All names start with `tabserve_server_`; units are seconds; counters end in `_to
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from tabserve_server.core.model import AspiredVersion, LoadedModel
 PREFIX = "tabserve_server_"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SCORE_BUCKETS = tuple(round(x, 2) for x in np.arange(0.05, 1.0001, 0.05))
+_EDGES = tuple(float(edge) for edge in SCORE_BUCKETS)
 
 
 class ScoreHistogram(Collector):
@@ -33,11 +35,12 @@ class ScoreHistogram(Collector):
 
     def observe(self, scores: np.ndarray) -> None:
         # Prometheus buckets are upper-inclusive: a score equal to an edge falls in that edge's bucket.
-        if scores.shape[0] == 1:
-            index = int(np.searchsorted(self._edges, scores[0], side="left"))
+        if scores.shape[0] == 1:  # the common single-row call: bisect on a list costs less than numpy here
+            score = float(scores[0])
+            index = bisect.bisect_left(_EDGES, score)
             with self._lock:
                 self._counts[index] += 1
-                self._sum += float(scores[0])
+                self._sum += score
             return
         counts = np.bincount(np.searchsorted(self._edges, scores, side="left"), minlength=len(self._counts))
         total = float(scores.sum())
@@ -91,6 +94,13 @@ class ServerMetrics:
         )
         self.serving = Gauge(
             PREFIX + "serving", "1 when a model is loaded and requests are accepted.", registry=registry
+        )
+        # Multi-worker servers: the supervisor's /metrics reports these itself (see supervisor.py).
+        self.workers = Gauge(PREFIX + "workers", "Worker processes up (1 for a single process).", registry=registry)
+        self.workers.set(1)
+        self.worker_restarts = Counter(
+            PREFIX + "worker_restarts", "Worker processes restarted by the supervisor after they died.",
+            registry=registry,
         )
         self.scores = ScoreHistogram()
         registry.register(self.scores)
