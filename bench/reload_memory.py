@@ -69,7 +69,7 @@ def measure(tracking_uri: str, model_name: str, workdir: Path, reloads: int, set
         wait_serving(f"127.0.0.1:{server.ports['public_port']}")
         channel = grpc.insecure_channel(f"127.0.0.1:{server.ports['control_port']}")
         try:
-            control = control_pb2_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
+            control = control_pb2_grpc.ModelControlStub(channel)
             rss_start = rss_bytes(server.pid)
             curve: list[int] = []
             durations: list[float] = []
