@@ -123,7 +123,6 @@ def run_all(quick: bool) -> dict[str, Any]:
     sections: dict[str, dict[str, Any]] = {}
     log.info("model ready after %.1f s", time.monotonic() - started)
     _guarded("compute", sections, lambda: compute.run(str(model.model_file), rows, quick))
-    reference_rate = float("nan")
     with tempfile.TemporaryDirectory(prefix="tabserve-bench-") as tmp, contextlib.ExitStack() as children:
         workdir = Path(tmp)
         registry = registry_for(model)
@@ -144,8 +143,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         ))
 
         def run_h2load() -> dict[str, Any]:
-            nonlocal reference_rate
-            section, reference_rate = h2load.run(
+            section, _ = h2load.run(
                 h2load.ensure_h2load(), workdir, rows, project=project, reference=reference, quick=quick
             )
             return section
@@ -156,7 +154,7 @@ def run_all(quick: bool) -> dict[str, Any]:
             metrics_port=int(project.ports["metrics_port"]), model_name=registry.model_name,
             versions=registry.versions, rows=rows, quick=quick,
         ))
-        children.close()  # the main servers stop before the sections that start their own
+        project.stop()  # the reference stays up for the multi-worker section's alternating rounds
 
         def start_server(name: str, start_timeout: float = 120.0, **overrides: Any) -> ChildProcess:
             return start_project_server(
@@ -165,9 +163,10 @@ def run_all(quick: bool) -> dict[str, Any]:
             )
 
         _guarded("multi-worker", sections, lambda: h2load.run_multi_worker(
-            h2load.ensure_h2load(), workdir, rows, reference_rate=reference_rate, quick=quick,
+            h2load.ensure_h2load(), workdir, rows, reference=reference, quick=quick,
             start_server=start_server, wait_serving=wait_serving,
         ))
+        children.close()  # servers stop before the sections that start their own
     for module, name in EXTERNAL_SECTIONS.items():
         _guarded(name, sections, lambda module=module: _external(module, quick))  # type: ignore[misc]
 
