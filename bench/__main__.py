@@ -142,13 +142,9 @@ def run_all(quick: bool) -> dict[str, Any]:
             project_target, reference_target, rows, quick, str(model.model_file)
         ))
 
-        def run_h2load() -> dict[str, Any]:
-            section, _ = h2load.run(
-                h2load.ensure_h2load(), workdir, rows, project=project, reference=reference, quick=quick
-            )
-            return section
-
-        _guarded("h2load", sections, run_h2load)
+        _guarded("h2load", sections, lambda: h2load.run(
+            h2load.ensure_h2load(), workdir, rows, project=project, reference=reference, quick=quick
+        ))
         _guarded("reload", sections, lambda: serving.run_reload(
             project_target, control_port=int(project.ports["control_port"]),
             metrics_port=int(project.ports["metrics_port"]), model_name=registry.model_name,

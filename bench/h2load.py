@@ -112,8 +112,8 @@ def _add_runs(result: SectionResult, server: str, label: str, runs: list[H2Run])
 
 def run(
     binary: str, workdir: Path, rows: np.ndarray, *, project: ChildProcess, reference: ChildProcess, quick: bool
-) -> tuple[dict[str, Any], float]:
-    """The section and the reference's verified single-process throughput (for the multi-worker target)."""
+) -> dict[str, Any]:
+    """Single-row throughput of the project vs the reference under h2load, in alternating rounds."""
     result = SectionResult()
     body = write_body(workdir / "score-1row.grpc", rows[:1])
     requests = 300 if quick else 15000
@@ -138,7 +138,7 @@ def run(
         f"verified OK calls/s, project / reference, h2load {CONNECTIONS} connections x 1 stream",
         extra_ok=failed == 0, detail=f"{failed} failed calls" if failed else "",
     ))
-    return result.as_dict(), rates["reference"]
+    return result.as_dict()
 
 
 # --- multi-worker (SO_REUSEPORT): the server side is being built elsewhere -----------------------
