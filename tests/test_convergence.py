@@ -11,13 +11,7 @@ version it claims to come from: a half-loaded or mixed-up model cannot go unnoti
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -46,7 +40,8 @@ from tabserve.control.v1 import control_pb2, control_pb2_grpc
 from tabserve_client import ScoringClient, ScoringError
 from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
 from tabserve_server.settings import ServerSettings
-from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
+from tests.support import MODEL_NAME, monitor_settings, server_settings, wait_for
+from tools.processes import MlflowServer, MonitorProcess, ServerProcess, free_port
 
 POLL = 0.5  # the monitors' poll interval
 SLOW_LOAD = 4.0  # seconds the slow version's load sleeps in the shared server
@@ -56,14 +51,6 @@ ROWS = make_applicants(4, seed=20261126)[0]
 # The monitor's gRPC channels reconnect with a back-off of at most 2 s (+20 % jitter) to a restarted server.
 RECONNECT = 2.4
 SLOW_MODEL_FILE = Path(__file__).parent / "models" / "slow_load_model.py"
-MONITOR_ENV_PREFIX = "TABSERVE_MONITOR_"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -124,36 +111,16 @@ class Server:
         try:
             return self.process.terminate(30)
         finally:
-            self.process.__exit__()
+            self.process.close()
 
 
-class Monitor:
-    """`python -m tabserve_monitor` as a child process configured with TABSERVE_MONITOR_* variables."""
+class Monitor(MonitorProcess):
+    """`python -m tabserve_monitor` as a child process, following a server at fixed addresses (which need not
+    be up yet)."""
 
     def __init__(self, tracking_uri: str, public_address: str, control_address: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(MONITOR_ENV_PREFIX)}
-        env.update({
-            MONITOR_ENV_PREFIX + "TRACKING_URI": tracking_uri,
-            MONITOR_ENV_PREFIX + "MODEL_NAME": MODEL_NAME,
-            MONITOR_ENV_PREFIX + "ALIAS": "production",
-            MONITOR_ENV_PREFIX + "POLL_INTERVAL_SECONDS": str(POLL),
-            MONITOR_ENV_PREFIX + "PUBLIC_ADDRESS": public_address,
-            MONITOR_ENV_PREFIX + "CONTROL_ADDRESS": control_address,
-            MONITOR_ENV_PREFIX + "METRICS_ADDRESS": "127.0.0.1:0",
-            MONITOR_ENV_PREFIX + "BACKOFF_MAX_SECONDS": "2.0",
-            MONITOR_ENV_PREFIX + "RPC_TIMEOUT_SECONDS": "2.0",
-        })
-        self._stderr_file = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tabserve_monitor"], env=env, stdout=subprocess.PIPE, stderr=self._stderr_file,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(10)
-            raise AssertionError(f"monitor exited early: {self.stderr()}")
-        self.metrics_port: int = json.loads(line)["metrics_port"]
+        super().__init__(monitor_settings(tracking_uri, public_address, control_address, alias="production",
+                                          poll_interval_seconds=POLL, rpc_timeout_seconds=2.0))
 
     def metrics(self) -> dict[str, float]:
         return _scrape(self.metrics_port)
@@ -172,93 +139,8 @@ class Monitor:
             and m.get("tabserve_monitor_server_up") == 1.0
         )
 
-    def stderr(self) -> str:
-        self._stderr_file.seek(0)
-        return self._stderr_file.read()
-
-    def kill(self) -> int:
-        self.proc.send_signal(signal.SIGKILL)
-        return self.proc.wait(10)
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
     def __enter__(self) -> Monitor:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._stderr_file.close()
-
-
-class MlflowServer:
-    """A real `mlflow server` on a fixed loopback port over a SQLite backend store; stoppable and restartable.
-
-    It runs in a session of its own (its uvicorn worker is a grandchild), so `stop` ends exactly its
-    process group. The job runner is off: these tests need the registry only, and it would add processes.
-    """
-
-    def __init__(self, backend_store_uri: str, artifacts_dir: Path, log_file: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._backend_store_uri = backend_store_uri
-        self._artifacts_dir = artifacts_dir
-        self._log_file = log_file
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Begin start-up (tens of seconds on a busy machine); `wait_healthy` waits for it."""
-        assert self.proc is None, "already started"
-        with self._log_file.open("a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--backend-store-uri", self._backend_store_uri, "--artifacts-destination", str(self._artifacts_dir),
-                 "--workers", "1"],
-                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            )
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def wait_healthy(self, timeout: float = 240.0) -> None:
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited ({self.proc.returncode}): {self.log()[-3000:]}")
-            return self.healthy()
-
-        wait_for(up, timeout=timeout, interval=0.5, what=f"mlflow server /health on {self.url}")
-
-    def stop(self, timeout: float = 15.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        self.proc = None
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        try:  # a worker that outlived its parent (the group id is still ours while a member lives)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        wait_for(lambda: not self.healthy(), timeout=15, what="mlflow server to stop answering")
-
-    def log(self) -> str:
-        return self._log_file.read_text(errors="replace")
 
 
 # --- scoring and probing threads ---------------------------------------------------------------
@@ -541,7 +423,7 @@ def test_readiness_holds_during_a_reload(slow_server: Server) -> None:
 
 def test_restarted_server_pinned_to_an_old_version_converges(registry: Registry, tmp_path: Path) -> None:
     registry.promote(SLOW)
-    public, control = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    public, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     restart_load = 1.0  # version 2 loads in ~1 s in these servers
 
     def settings(model_uri: str) -> ServerSettings:

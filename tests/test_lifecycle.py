@@ -16,7 +16,8 @@ from mlflow.models import infer_signature
 
 from tabserve_client import ScoringClient, ScoringError
 from tabserve_server.demo_model import FEATURE_NAMES
-from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
+from tests.support import MODEL_NAME, server_settings, wait_for
+from tools.processes import ServerProcess
 
 SLOW_MODEL = "slow-model"
 

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +16,7 @@ from tabserve_server.core.loading import ModelLoader
 from tabserve_server.core.model import AspiredVersion, LoadedFrom
 from tabserve_server.demo_model import bootstrap_embedded_registry, register_demo_version
 from tests.support import MODEL_NAME, server_settings, wait_for
+from tools.processes import MlflowServer
 
 
 @pytest.fixture(scope="module")
@@ -92,44 +88,13 @@ def test_unsupported_uri_is_a_clear_load_error(uri_registry: tuple[str, str], tm
         loader.resolve(AspiredVersion("x", "", "s3://bucket/thing"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on loopback with a SQLite backend (about 20 s to come up)."""
+    """A real `mlflow server` on loopback with a SQLite backend (about 20 s to come up), stopped as a process group."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=log, env={**os.environ},
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, timeout=120, interval=0.5, what="mlflow server /health")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+    with MlflowServer(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", root / "server.log").start() as server:
+        server.wait_healthy(120)
+        yield server.url
 
 
 @pytest.mark.mlflow_server

@@ -3,12 +3,6 @@ monitor loop in a thread with a fresh metrics registry."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -30,7 +24,8 @@ from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import Problem, RegistryWatcher
 from tabserve_monitor.settings import MonitorSettings
 from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
-from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
+from tests.support import MODEL_NAME, server_settings, wait_for
+from tools.processes import MonitorProcess, ServerProcess, free_port
 
 POLL = 0.5
 ROWS = make_applicants(4, seed=4242)[0]
@@ -40,13 +35,6 @@ ROWS = make_applicants(4, seed=4242)[0]
 def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A registry of this module's own: the tests move its alias."""
     return bootstrap_embedded_registry(tmp_path_factory.mktemp("monitor-registry"), model_name=MODEL_NAME)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:
@@ -73,7 +61,7 @@ class Server:
     def close(self) -> None:
         self._channel.close()
         self.process.terminate(15)
-        self.process.__exit__()
+        self.process.close()
 
 
 @contextmanager
@@ -226,7 +214,7 @@ def test_registry_watcher_classifies(registry_uri: str) -> None:
 
 def test_monitor_started_before_server_converges(registry_uri: str, tmp_path: Path) -> None:
     MlflowClient(registry_uri, registry_uri).set_registered_model_alias(MODEL_NAME, "production", "2")
-    public, control = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    public, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     with running_monitor(registry_uri, public, control) as monitor:
         wait_for(lambda: sample(monitor, "tabserve_monitor_polls_total", result="server_error") >= 2,
                  what="polls without a server")
@@ -250,30 +238,18 @@ def test_monitor_started_before_server_converges(registry_uri: str, tmp_path: Pa
 
 
 def test_process_serves_metrics_and_exits_on_sigterm(registry_uri: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TABSERVE_MONITOR_")}
-    env.update({
-        "TABSERVE_MONITOR_TRACKING_URI": registry_uri, "TABSERVE_MONITOR_METRICS_ADDRESS": "127.0.0.1:0",
-        "TABSERVE_MONITOR_CONTROL_ADDRESS": f"127.0.0.1:{_free_port()}",
-        "TABSERVE_MONITOR_PUBLIC_ADDRESS": f"127.0.0.1:{_free_port()}",
+    settings = {
+        "tracking_uri": registry_uri, "metrics_address": "127.0.0.1:0",
+        "control_address": f"127.0.0.1:{free_port()}", "public_address": f"127.0.0.1:{free_port()}",
         # A long interval: exiting well before it ends proves the wait between polls is interrupted.
-        "TABSERVE_MONITOR_POLL_INTERVAL_SECONDS": "300",
-    })
-    proc = subprocess.Popen([sys.executable, "-m", "tabserve_monitor"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        line = json.loads(proc.stdout.readline())
-        assert line["event"] == "listening"
-        url = f"http://127.0.0.1:{line['metrics_port']}/metrics"
+        "poll_interval_seconds": 300,
+    }
+    with MonitorProcess(settings) as monitor:
+        url = f"http://127.0.0.1:{monitor.metrics_port}/metrics"
 
         def registry_up() -> bool:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 return "tabserve_monitor_registry_up 1.0" in resp.read().decode()
 
         wait_for(registry_up, timeout=20, interval=0.2, what="registry_up in /metrics")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0  # the loop was waiting up to 300 s for its next poll
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        assert monitor.terminate(60) == 0  # the loop was waiting up to 300 s for its next poll

@@ -21,7 +21,8 @@ from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import RegistryWatcher
 from tabserve_monitor.settings import MonitorSettings
 from tabserve_server.demo_model import bootstrap_embedded_registry
-from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
+from tests.support import MODEL_NAME, server_settings, wait_for
+from tools.processes import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def server(registry_uri: str, tmp_path: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.terminate(15)
-        proc.__exit__()
+        proc.close()
 
 
 def test_ambiguity_is_exported_and_never_unloads(registry_uri: str, server: ServerProcess) -> None:

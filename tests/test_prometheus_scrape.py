@@ -24,8 +24,9 @@ from mlflow import MlflowClient
 
 from tabserve_client import ScoringClient
 from tabserve_server.demo_model import make_applicants
-from tests.support import MODEL_NAME, MonitorProcess, ServerProcess, free_port, server_settings, wait_for
+from tests.support import MODEL_NAME, monitor_settings, server_settings, wait_for
 from tools.debian import ToolUnavailable, ensure_command
+from tools.processes import MonitorProcess, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitor" / "alerts" / "tabserve.rules.yml"
@@ -136,7 +137,7 @@ def stack(prometheus_binary: str, tracking_uri: str, tmp_path_factory: pytest.Te
             rows = make_applicants(4, seed=99)[0]
             for _ in range(SCORE_CALLS):
                 assert client.score(rows).model_version == version
-        with MonitorProcess(registry_uri, server) as monitor:
+        with MonitorProcess(monitor_settings(registry_uri, server.target, server.control_target)) as monitor:
             config = tmp / "prometheus.yml"
             write_config(config, server.metrics_port, monitor.metrics_port)
             prometheus = Prometheus(prometheus_binary, config, tmp / "tsdb", tmp / "prometheus.log")

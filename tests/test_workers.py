@@ -21,7 +21,8 @@ from tabserve_client import ScoringClient
 from tabserve_server.app import ServingApp
 from tabserve_server.core.model import AspiredVersion
 from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
-from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
+from tests.support import MODEL_NAME, server_settings, wait_for
+from tools.processes import ServerProcess
 
 ROWS = make_applicants(3, seed=99)[0]
 SCORE = "tabserve.scoring.v1.Scoring/Score"
@@ -59,7 +60,7 @@ class Server:
     def close(self) -> None:
         self._channel.close()
         self.process.terminate(30)
-        self.process.__exit__()
+        self.process.close()
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -20,7 +20,8 @@ from tabserve_client import ScoringClient
 from tabserve_server.demo_model import bootstrap_embedded_registry, embedded_paths, make_applicants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support import MODEL_NAME, ServerProcess, server_settings, wait_for
+from tests.support import MODEL_NAME, server_settings, wait_for
+from tools.processes import ServerProcess
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
