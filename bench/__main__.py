@@ -41,8 +41,9 @@ from typing import Any
 
 from bench import compute, h2load, serving
 from bench.model import FULL, TINY, bench_rows, ensure_model, registry_for
-from bench.processes import REPO, ChildProcess, start_project_server, start_reference_server, wait_serving
+from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown, not_built
+from tools.processes import ServerProcess
 
 log = logging.getLogger("bench")
 
@@ -127,12 +128,10 @@ def run_all(quick: bool) -> dict[str, Any]:
         workdir = Path(tmp)
         registry = registry_for(model)
         log.info("registered versions %s in %.1f s", registry.versions, time.monotonic() - started)
-        reference = children.enter_context(
-            start_reference_server(model.model_file, workdir, registry.model_name, registry.versions[0])
-        )
-        project = children.enter_context(
-            start_project_server(registry.tracking_uri, f"models:/{registry.model_name}@production", workdir)
-        )
+        reference = start_reference_server(model.model_file, workdir, registry.model_name, registry.versions[0])
+        children.callback(reference.stop)  # SIGTERM first (leaving a `with` block would kill)
+        project = start_project_server(registry.tracking_uri, f"models:/{registry.model_name}@production", workdir)
+        children.callback(project.stop)
         project_target = f"127.0.0.1:{project.ports['public_port']}"
         reference_target = f"127.0.0.1:{reference.ports['public_port']}"
         wait_serving(project_target)
@@ -152,7 +151,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         ))
         project.stop()  # the reference stays up for the multi-worker section's alternating rounds
 
-        def start_server(name: str, start_timeout: float = 120.0, **overrides: Any) -> ChildProcess:
+        def start_server(name: str, start_timeout: float = 120.0, **overrides: Any) -> ServerProcess:
             return start_project_server(
                 registry.tracking_uri, f"models:/{registry.model_name}@production", workdir, name, start_timeout,
                 **overrides,

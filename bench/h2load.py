@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.processes import SCORE_METHOD, ChildProcess, has_setting, score_calls_by_code
+from bench.processes import SCORE_METHOD, has_setting, score_calls_by_code
 from bench.report import H2LOAD, SectionResult, Target, not_built, ratio
 from bench.serving import score_request
+from tools.processes import ChildProcess
 
 CONNECTIONS = 16  # 16 concurrent callers, one connection each (SO_REUSEPORT spreads connections, not streams)
 

@@ -5,7 +5,8 @@ runs, 500 versions, one large artifact inside the model directory every version 
 created cheaply with `MlflowClient.create_model_version` on one shared model artifact. Then
 `RegistryWatcher.resolve()` (what one poll asks the registry) is timed for alias mode and legacy-stage
 mode, through SQLite directly and, in the full run, through a real `mlflow server` child process on
-loopback per registry. Polls of the two registries are interleaved so machine noise hits both alike.
+loopback per registry (tools/processes.py). Polls of the two registries are interleaved so machine noise
+hits both alike.
 
 Besides wall time, each figure has a count that noise cannot move: SQL statements and ORM rows the
 MLflow store handles per poll (in-process SQLite; the same store code runs behind `mlflow server`).
@@ -17,21 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from bench.report import SectionResult, Target, percentile_ms, ratio
+from tools.processes import MlflowServer
 
 log = logging.getLogger(__name__)
 
@@ -181,79 +178,9 @@ def store_work(uri: str) -> dict[str, dict[str, int]]:
     return work
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class MlflowServer:
-    """`mlflow server` on loopback over an existing SQLite registry (a child process of ours).
-
-    It runs in a session of its own and is stopped as a process group: `mlflow server` starts uvicorn
-    workers (and, unless disabled as here, job consumers) that would outlive a signal to the parent alone.
-    """
-
-    def __init__(self, uri: str, root: Path) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self._log = (root / "mlflow-server.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
-             "--backend-store-uri", uri, "--artifacts-destination", str(root / "served-artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        )
-
-    def wait_healthy(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server not healthy after {timeout} s")
-            time.sleep(0.5)
-
-    def cpu_seconds(self) -> float:
-        """CPU time of the server and its children (gunicorn/uvicorn workers) so far."""
-        total = 0.0
-        tick = os.sysconf("SC_CLK_TCK")
-        pids = [self.proc.pid]
-        with contextlib.suppress(OSError):
-            pids += [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
-        for pid in pids:
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-        return total
-
-    def terminate(self) -> None:
-        """SIGTERM to the server's process group (its own session: only our children are in it)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-
-    def _leader_exited(self) -> bool:
-        """True once the leader is a zombie (exited, not yet reaped, so its group id cannot be reused)."""
-        try:
-            return Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
-
-    def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.terminate()
-            deadline = time.monotonic() + 15
-            while not self._leader_exited() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group, before the leader is reaped
-            self.proc.wait(10)
-        self._log.close()
+def mlflow_server(uri: str, root: Path) -> MlflowServer:
+    """`mlflow server` over the registry at `uri` (built under `root`), started; `stop()` ends its process group."""
+    return MlflowServer(uri, root / "served-artifacts", root / "mlflow-server.log").start()
 
 
 def _measure(
@@ -334,7 +261,7 @@ def run(quick: bool) -> dict[str, Any]:
         if quick:
             section.notes.append("quick: the mlflow server leg is skipped")
         else:
-            servers = {size: MlflowServer(uri, root / ("small" if size == SMALL else "large"))
+            servers = {size: mlflow_server(uri, root / ("small" if size == SMALL else "large"))
                        for size, uri in uris.items()}
             try:
                 for server in servers.values():

@@ -1,98 +1,26 @@
 """Child processes of the benchmark: the project's server and the reference servicer.
 
-Each child prints one JSON line `{"event": "listening", ...ports}` on stdout first; stderr goes to a
-file (never a pipe that could fill up). `stop()` is always called from a `finally` (or an ExitStack).
+Both are `tools.processes.ChildProcess`es: each prints one JSON line `{"event": "listening", ...ports}` on
+stdout first; stderr goes to a log file in the work directory. `stop()` is always called from a `finally`
+(or an ExitStack).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import select
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tabserve_server.settings import ENV_PREFIX, ServerSettings
+from tools.processes import ChildProcess, ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class ChildProcess:
-    """A child that announces its ports on its first stdout line."""
-
-    def __init__(
-        self, args: Sequence[str], log_file: Path, env: Mapping[str, str] | None = None, start_timeout: float = 60.0
-    ) -> None:
-        self.log_file = log_file
-        self._log = log_file.open("w")
-        self.proc = subprocess.Popen(
-            list(args), stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=REPO,
-            env=dict(env) if env is not None else None,
-        )
-        try:
-            self.ports: dict[str, Any] = self.read_event("listening", start_timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def read_event(self, event: str, timeout: float) -> dict[str, Any]:
-        """The next stdout JSON line whose `event` is `event` (other lines are skipped)."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no {event!r} line within {timeout} s; log: ...{self.log_tail(600)}")
-            ready, _, _ = select.select([self.proc.stdout], [], [], remaining)
-            if not ready:
-                continue
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"exited ({self.proc.wait(5)}) before {event!r}; log: ...{self.log_tail(600)}")
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(message, dict) and message.get("event") == event:
-                return message
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self._log.flush()
-        return self.log_file.read_text(errors="replace")[-chars:]
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-
-    def __enter__(self) -> ChildProcess:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def python_env() -> dict[str, str]:
@@ -109,7 +37,7 @@ def has_setting(name: str) -> bool:
 def start_project_server(
     tracking_uri: str, model_uri: str, workdir: Path, name: str = "project", start_timeout: float = 120.0,
     **overrides: Any,
-) -> ChildProcess:
+) -> ServerProcess:
     """`python -m tabserve_server` in its production configuration (metrics and validation on) on port 0."""
     values: dict[str, Any] = {
         "model_uri": model_uri,
@@ -120,10 +48,8 @@ def start_project_server(
         "cache_dir": str(workdir / f"{name}-cache"),
         **overrides,
     }
-    env = python_env()
-    for key, value in values.items():
-        env[ENV_PREFIX + key.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    return ChildProcess([sys.executable, "-m", "tabserve_server"], workdir / f"{name}.log", env, start_timeout)
+    return ServerProcess(values, {"PYTHONPATH": python_env()["PYTHONPATH"]}, log_file=workdir / f"{name}.log",
+                         cwd=REPO, start_timeout=start_timeout, name=f"{name} server")
 
 
 def start_reference_server(model_file: Path, workdir: Path, model_name: str, version: str) -> ChildProcess:
@@ -131,7 +57,8 @@ def start_reference_server(model_file: Path, workdir: Path, model_name: str, ver
         sys.executable, "-m", "bench.reference_server", "--model-file", str(model_file),
         "--address", "127.0.0.1:0", "--model-name", model_name, "--model-version", version,
     ]
-    return ChildProcess(args, workdir / "reference.log", python_env(), 120.0)
+    return ChildProcess(args, env=python_env(), log_file=workdir / "reference.log", cwd=REPO, start_timeout=120.0,
+                        name="reference server")
 
 
 def wait_serving(target: str, timeout: float = 180.0) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bench.monitor_poll import MODEL_NAME, MlflowServer, build_registry, store_work
+from bench.monitor_poll import MODEL_NAME, build_registry, mlflow_server, store_work
 from tabserve_monitor.registry import RegistryWatcher
 
 VERSIONS = 500
@@ -102,7 +102,7 @@ class _Forward(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def proxies(registries: dict[int, tuple[str, Path]]) -> Iterator[dict[int, _Recording]]:
-    servers = {size: MlflowServer(uri, root) for size, (uri, root) in registries.items()}
+    servers = {size: mlflow_server(uri, root) for size, (uri, root) in registries.items()}
     recorders: dict[int, _Recording] = {}
     threads = []
     try:
