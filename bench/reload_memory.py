@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from bench.model import FULL, TINY, BenchModel, ensure_model, register
+from bench.model import FULL, TINY, BenchModel, ensure_model, register, registry_for
 from bench.processes import start_project_server, wait_serving
 from bench.report import SectionResult, Target, ratio
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
@@ -94,7 +94,9 @@ def run(quick: bool, model_file: Path | None = None, reloads: int | None = None)
         model = BenchModel(FULL, Path(model_file), 0.0, 0.0)
     with tempfile.TemporaryDirectory(prefix="tabserve-reload-memory-") as tmp:
         workdir = Path(tmp)
-        registry = register(model, workdir / "registry", versions=2)
+        # The bench model's registry is cached beside it (the server only reads it); a given model file gets a
+        # fresh one here rather than a directory written next to it.
+        registry = registry_for(model) if model_file is None else register(model, workdir / "registry", versions=2)
         result = measure(registry.tracking_uri, registry.model_name, workdir, reloads)
     curve = result["rss"]
     generator = "control SetAspiredVersion + GetStatus"
