@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +23,7 @@ from tabserve_server.app import ServingApp
 from tabserve_server.core.model import AspiredVersion
 from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
 from tests.support import MODEL_NAME, server_settings, wait_for
-from tools.processes import ServerProcess
+from tools.processes import MonitorProcess, ServerProcess
 
 ROWS = make_applicants(3, seed=99)[0]
 SCORE = "tabserve.scoring.v1.Scoring/Score"
@@ -229,6 +230,39 @@ def test_killed_worker_is_restarted_and_serves_the_same_version(server: Server) 
     assert total[("tabserve_server_workers", ())] == 2
     # Counters stay monotonic: the dead worker's last scraped counts are carried over.
     assert score_calls(total) >= calls_before
+
+
+def test_monitor_sees_one_server_and_moves_every_worker(server: Server, registry_uri: str, tmp_path: Path) -> None:
+    """The real monitor in front of the supervisor: it states the alias target to the one control address,
+    every worker switches, and its probes (health, canary) go through the shared public port."""
+    serving = server.status().serving.version
+    target = "1" if serving != "1" else "2"
+    MlflowClient(registry_uri, registry_uri).set_registered_model_alias(MODEL_NAME, "production", target)
+    monitor = MonitorProcess(
+        {"tracking_uri": registry_uri, "model_name": MODEL_NAME, "poll_interval_seconds": 0.5,
+         "control_address": server.process.control_target, "public_address": server.process.target,
+         "metrics_address": "127.0.0.1:0", "rpc_timeout_seconds": 5.0},
+        log_file=tmp_path / "monitor.log",
+    )
+    try:
+        wait_for(lambda: server.settled_on(target), timeout=120, interval=0.2, what=f"every worker on {target}")
+
+        def converged() -> Any:
+            found = scrape(monitor.metrics_port)
+            ok = (found.get(("tabserve_monitor_served_version", ())) == float(target)
+                  and found.get(("tabserve_monitor_served_version_lag_seconds", ())) == 0
+                  and found.get(("tabserve_monitor_canary_up", ())) == 1)
+            return found if ok else None
+
+        found = wait_for(converged, timeout=30, interval=0.2, what="monitor sees the switch")
+        assert found[("tabserve_monitor_target_version", ())] == float(target)
+        assert found[("tabserve_monitor_server_up", ())] == 1
+        assert found[("tabserve_monitor_control_up", ())] == 1
+        assert found[("tabserve_monitor_reloads_total", (("result", "success"),))] >= 1
+        assert set(versions_over_fresh_channels(server.process.target, channels=10)) == {target}
+        assert monitor.stop(30) == 0
+    finally:
+        monitor.close()
 
 
 def test_sigterm_drains_every_worker_and_exits_zero(server: Server) -> None:
