@@ -10,7 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tabserve_server.settings import ServerSettings
+from tools.debian import ToolUnavailable, ensure_command
 
 MODEL_NAME = "credit-default"
 
@@ -62,3 +65,11 @@ def monitor_settings(
     }
     values.update(overrides)
     return values
+
+
+def required_command(command: str, package: str) -> str:
+    """A tool from a Debian package that a test needs: installed when missing; the test fails, never skips."""
+    try:
+        return ensure_command(command, package)
+    except ToolUnavailable as exc:
+        pytest.fail(str(exc))

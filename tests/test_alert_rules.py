@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.debian import ToolUnavailable, ensure_command
+from tests.support import required_command
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitor" / "alerts" / "tabserve.rules.yml"
@@ -20,10 +20,7 @@ README = ROOT / "README.md"
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    try:
-        return ensure_command("promtool", "prometheus")
-    except ToolUnavailable as exc:
-        pytest.fail(str(exc))
+    return required_command("promtool", "prometheus")
 
 
 def _run(promtool: str, *args: str) -> None:

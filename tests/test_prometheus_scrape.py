@@ -24,8 +24,7 @@ from mlflow import MlflowClient
 
 from tabserve_client import ScoringClient
 from tabserve_server.demo_model import make_applicants
-from tests.support import MODEL_NAME, monitor_settings, server_settings, wait_for
-from tools.debian import ToolUnavailable, ensure_command
+from tests.support import MODEL_NAME, monitor_settings, required_command, server_settings, wait_for
 from tools.processes import MonitorProcess, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,10 +40,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
-    try:
-        return ensure_command("prometheus", "prometheus")
-    except ToolUnavailable as exc:
-        pytest.fail(str(exc))
+    return required_command("prometheus", "prometheus")
 
 
 class Prometheus:
