@@ -53,6 +53,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_control_address(settings: ServerSettings) -> None:
+    """The control service may listen beyond loopback only with a token."""
+    host, _ = split_address(settings.control_address)
+    if not _is_loopback(host) and not settings.control_token:
+        raise ValueError(f"control_address {settings.control_address} is not loopback: set control_token")
+
+
 def loader_config(settings: ServerSettings) -> LoaderConfig:
     return LoaderConfig(
         tracking_uri=settings.tracking_uri,
@@ -80,9 +87,7 @@ class ServingApp:
         registry: CollectorRegistry | None = None,
         supervised: bool = False,
     ) -> None:
-        host, _ = split_address(settings.control_address)
-        if not _is_loopback(host) and not settings.control_token:
-            raise ValueError(f"control_address {settings.control_address} is not loopback: set control_token")
+        check_control_address(settings)
         self.settings = settings
         self.supervised = supervised
         self.metrics = ServerMetrics(registry or CollectorRegistry())

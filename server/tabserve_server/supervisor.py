@@ -40,7 +40,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
-from tabserve_server.app import ServingApp, _is_loopback, split_address
+from tabserve_server.app import ServingApp, check_control_address, split_address
 from tabserve_server.core.loading import model_name_from_uri
 from tabserve_server.core.model import AspiredVersion
 from tabserve_server.metrics import PREFIX
@@ -123,9 +123,7 @@ class Supervisor:
     """A server of `workers` processes; same `start()`/`stop()` and ports as ServingApp."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        host, _ = split_address(settings.control_address)
-        if not _is_loopback(host) and not settings.control_token:
-            raise ValueError(f"control_address {settings.control_address} is not loopback: set control_token")
+        check_control_address(settings)
         self.settings = settings
         self.count = settings.workers if settings.workers > 0 else (os.cpu_count() or 1)
         self._ctx = multiprocessing.get_context("spawn")
