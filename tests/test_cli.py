@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from tabserve_client import ScoringClient
-from tabserve_client.cli import main
+from tabserve_client.cli import EXIT_CODES_HELP, main
 from tabserve_server.app import ServingApp
 from tabserve_server.demo_model import FEATURE_NAMES, write_example_applicants
 
@@ -285,7 +286,28 @@ def test_health(target: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["health", "--target", target, "--service", "tabserve.scoring.v1.Scoring"], capsys)
     assert (code, out) == (0, "SERVING\n")
     code, out, err = run(["health", "--target", target, "--service", "no.such.Service"], capsys)
-    assert code == 1 and "NOT_FOUND" in err and "Traceback" not in err
+    assert (code, out) == (1, "")
+    assert err == (
+        "error: unknown service 'no.such.Service'; the server reports the health of '', "
+        "'inference.GRPCInferenceService', 'tabserve.scoring.v1.Scoring'\n"
+    )
+
+
+def test_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["score", "--help"], ["info", "--help"], ["health", "--help"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 0
+        out = capsys.readouterr().out
+        assert "exit codes:\n  0    success" in out, argv
+        for code in ("1", "2", "130"):
+            assert f"\n  {code} " in out, (argv, code)
+
+
+def test_readme_lists_the_exit_codes_of_the_help() -> None:
+    readme = (REPO / "README.md").read_text()
+    documented = re.findall(r"^\| (\d+) \| ", readme.split("### Command-line client", 1)[1].split("\n#", 1)[0], flags=re.MULTILINE)
+    assert documented == re.findall(r"^  (\d+) ", EXIT_CODES_HELP, flags=re.MULTILINE) == ["0", "1", "2", "130"]
 
 
 def test_health_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:

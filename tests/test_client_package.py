@@ -29,7 +29,7 @@ def test_importing_the_client_pulls_in_no_server_dependencies() -> None:
 def test_client_distribution_declares_only_light_dependencies() -> None:
     project = tomllib.loads((CLIENTS / "pyproject.toml").read_text())["project"]
     names = {dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"]}
-    assert names == {"grpcio", "grpcio-health-checking", "protobuf", "numpy"}
+    assert names == {"grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "numpy"}
 
 
 def test_dataframes_are_scored_in_the_model_feature_order(client: ScoringClient) -> None:

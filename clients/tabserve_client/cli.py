@@ -1,264 +1,46 @@
-"""`tabserve-client`: score CSV / JSON-lines files, show the live model and check health from a shell.
+"""`tabserve-client`: the commands `score`, `info` and `health`, their arguments, output and exit codes.
 
+Reading the input files (CSV, JSON lines, checking their columns) is in `tabserve_client.inputs`.
 Depends on the standard library, numpy and grpcio only (like the rest of tabserve_client).
-
-Exit codes: 0 success, 1 the server failed the call (or health is not SERVING), 2 bad input or usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any, Final
 
 import grpc
-import numpy as np
 
 from tabserve_client.client import ModelInfo, ScoreBatch, ScoringClient, ScoringError
+from tabserve_client.inputs import INPUT_FORMATS, InputError, ParsedInput, error_reason, read_rows
 
 DEFAULT_TARGET: Final = "localhost:50051"
 TARGET_ENV: Final = "TABSERVE_TARGET"
 DEFAULT_TIMEOUT_S: Final = 10.0
 DEFAULT_ID_COLUMN: Final = "applicant_id"
 DEFAULT_BATCH_SIZE: Final = 1000
-JSONL_SUFFIXES: Final = (".jsonl", ".ndjson")
-# CSV cells (compared after strip() and lower()) that mean "missing".
-MISSING_TOKENS: Final = frozenset({"", "na", "nan"})
 OUTPUT_FIELDS: Final = ("score", "decision", "threshold", "model_name", "model_version")
-_SHOWN_NAMES: Final = 8
+_FEATURES_SHOWN: Final = 8
 _ROW_IN_DETAILS: Final = re.compile(r"\brow (\d+)\b")
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
-
-
-class CliError(Exception):
-    """A problem with the user's input or arguments: printed as `error: <message>`, exit code 2."""
-
-
-class CannotReadError(CliError):
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"cannot read {name}: {reason}")
-
-
-# --- input ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class ParsedInput:
-    """Rows read from the input: feature matrices in the model's order, ids and line numbers."""
-
-    num_features: int
-    batch_size: int
-    batches: list[np.ndarray] = field(default_factory=list)
-    ids: list[Any] = field(default_factory=list)
-    lines: list[int] = field(default_factory=list)
-    has_ids: bool = False
-    _current: np.ndarray | None = None
-    _filled: int = 0
-
-    def add(self, values: Sequence[float], line: int, row_id: Any = None) -> None:
-        if self._current is None:
-            self._current = np.empty((self.batch_size, self.num_features), dtype=np.float64)
-        self._current[self._filled] = values
-        self._filled += 1
-        self.lines.append(line)
-        if self.has_ids:
-            self.ids.append(row_id)
-        if self._filled == self.batch_size:
-            self.finish()
-
-    def finish(self) -> None:
-        if self._current is not None and self._filled:
-            self.batches.append(self._current[: self._filled])
-        self._current = None
-        self._filled = 0
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.lines)
-
-
-def _quote_list(names: Sequence[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:_SHOWN_NAMES])
-    if len(names) > _SHOWN_NAMES:
-        shown += f" (and {len(names) - _SHOWN_NAMES} more)"
-    return shown
-
-
-def _column_mismatch(columns: Sequence[str], info: ModelInfo, id_column: str, where: str = "") -> str | None:
-    """A message naming the unknown and missing columns, or None when the columns fit the model."""
-    features = info.feature_names
-    feature_set = set(features)
-    present = set(columns)
-    unknown = [c for c in columns if c not in feature_set and c != id_column]
-    missing = [f for f in features if f not in present]
-    if not unknown and not missing:
-        return None
-    problems = []
-    if unknown:
-        problems.append(f"unknown column{'s' if len(unknown) > 1 else ''} {_quote_list(unknown)}")
-    if missing:
-        problems.append(f"missing column{'s' if len(missing) > 1 else ''} {_quote_list(missing)}")
-    hint = ""
-    if unknown and id_column and id_column not in present:
-        hint = f" (the id column is {id_column!r}, see --id-column)"
-    return (
-        f"{where}the columns do not match the {len(features)} features of "
-        f"{info.name} version {info.version}: " + "; ".join(problems) + hint
-    )
-
-
-def _not_a_number(line: int, column: str, shown: str) -> CliError:
-    return CliError(f"line {line}, column {column!r}: {shown} is not a number")
-
-
-def _parse_text(text: str, line: int, column: str) -> float:
-    cleaned = text.strip()
-    if cleaned.lower() in MISSING_TOKENS:
-        return math.nan
-    if "_" not in cleaned:  # float() accepts "1_000", which is not a number in a data file
-        try:
-            return float(cleaned)
-        except ValueError:
-            pass
-    raise _not_a_number(line, column, repr(text))
-
-
-def _parse_json_value(value: Any, line: int, column: str) -> float:
-    if value is None:
-        return math.nan
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, int | float):
-        try:
-            return float(value)
-        except OverflowError:
-            raise _not_a_number(line, column, str(value)) from None
-    if isinstance(value, str):
-        return _parse_text(value, line, column)
-    raise _not_a_number(line, column, json.dumps(value))
-
-
-def _read_csv(
-    stream: IO[str], name: str, client: ScoringClient, args: argparse.Namespace
-) -> tuple[ParsedInput, ModelInfo]:
-    reader = csv.reader(stream)
-    try:
-        try:
-            header = [c.strip() for c in next(reader)]
-        except StopIteration:
-            raise CannotReadError(name, "the file is empty (expected a header line of column names)") from None
-        seen: set[str] = set()
-        for column in header:
-            if column in seen:
-                raise CliError(f"line 1: column {column!r} appears more than once")
-            seen.add(column)
-        info = client.model_info()
-        mismatch = _column_mismatch(header, info, args.id_column)
-        if mismatch:
-            raise CliError(mismatch)
-        features = info.feature_names
-        positions = [header.index(f) for f in features]
-        id_position = header.index(args.id_column) if args.id_column in seen else None
-        parsed = ParsedInput(len(features), args.batch_size, has_ids=id_position is not None)
-        width = len(header)
-        line = reader.line_num
-        for row in reader:
-            start, line = line + 1, reader.line_num
-            if not row:  # blank line
-                continue
-            if len(row) != width:
-                raise CliError(f"line {start}: {len(row)} fields, the header has {width}")
-            values = [_parse_text(row[p], start, f) for p, f in zip(positions, features, strict=True)]
-            parsed.add(values, start, row[id_position] if id_position is not None else None)
-    except csv.Error as exc:
-        raise CannotReadError(name, f"line {reader.line_num}: {exc}") from None
-    parsed.finish()
-    return parsed, info
-
-
-def _read_jsonl(
-    stream: IO[str], name: str, client: ScoringClient, args: argparse.Namespace
-) -> tuple[ParsedInput, ModelInfo]:
-    info: ModelInfo | None = None
-    parsed: ParsedInput | None = None
-    features: tuple[str, ...] = ()
-    allowed: set[str] = set()
-    for line, text in enumerate(stream, start=1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CannotReadError(name, f"line {line}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise CannotReadError(name, f"line {line}: expected a JSON object, got {type(obj).__name__}")
-        if info is None or parsed is None:
-            info = client.model_info()
-            features = info.feature_names
-            allowed = {*features, args.id_column}
-            parsed = ParsedInput(len(features), args.batch_size, has_ids=args.id_column in obj)
-        if not allowed.issuperset(obj) or any(f not in obj for f in features):
-            raise CliError(_column_mismatch(list(obj), info, args.id_column, where=f"line {line}: ") or "")
-        if (args.id_column in obj) != parsed.has_ids:
-            raise CliError(f"line {line}: the id column {args.id_column!r} must be in every line or in none")
-        values = [_parse_json_value(obj[f], line, f) for f in features]
-        parsed.add(values, line, obj.get(args.id_column))
-    if info is None or parsed is None:  # no rows at all
-        info = client.model_info()
-        parsed = ParsedInput(len(info.feature_names), args.batch_size)
-    parsed.finish()
-    return parsed, info
-
-
-def _input_format(args: argparse.Namespace) -> str:
-    if args.input_format:
-        return str(args.input_format)
-    if args.file in (None, "-"):
-        return "csv"
-    return "jsonl" if Path(args.file).suffix.lower() in JSONL_SUFFIXES else "csv"
-
-
-def _read_input(client: ScoringClient, args: argparse.Namespace) -> tuple[ParsedInput, ModelInfo]:
-    fmt = _input_format(args)
-    reader = _read_jsonl if fmt == "jsonl" else _read_csv
-    if args.file in (None, "-"):
-        name = "<stdin>"
-        buffer = getattr(sys.stdin, "buffer", None)
-        # Decode the bytes ourselves: the locale's encoding of sys.stdin may not be UTF-8.
-        wrapper = None if buffer is None else io.TextIOWrapper(buffer, encoding="utf-8-sig", newline="")
-        try:
-            return reader(sys.stdin if wrapper is None else wrapper, name, client, args)
-        except (UnicodeDecodeError, OSError) as exc:
-            raise CannotReadError(name, _reason(exc)) from None
-        finally:
-            if wrapper is not None:
-                wrapper.detach()  # do not close the process's stdin
-    name = str(args.file)
-    try:
-        with open(args.file, encoding="utf-8-sig", newline="") as fh:
-            return reader(fh, name, client, args)
-    except (UnicodeDecodeError, OSError) as exc:
-        raise CannotReadError(name, _reason(exc)) from None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset {exc.start})"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
+EXIT_INTERRUPTED: Final = 130
+EXIT_CODES_HELP: Final = f"""exit codes:
+  {EXIT_OK}    success (health: the service is SERVING)
+  {EXIT_FAILED}    the server failed the call or could not be reached (the gRPC status is printed), or
+       health is not SERVING, or the health service name is unknown
+  {EXIT_USAGE}    bad arguments or bad input (file missing or unreadable, columns that do not match
+       the model, a value that is not a number), or an output file that cannot be written
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 
 # --- scoring and output ---------------------------------------------------------------------------
@@ -342,7 +124,13 @@ def _write_output(out: IO[str], fmt: str, id_column: str, parsed: ParsedInput, r
 
 
 def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
-    parsed, info = _read_input(client, args)
+    parsed, info = read_rows(
+        args.file,
+        model_info=client.model_info,
+        id_column=args.id_column,
+        batch_size=args.batch_size,
+        fmt=args.input_format,
+    )
     results = _score_all(client, parsed, info)
     if args.output in (None, "-"):
         _write_output(sys.stdout, args.output_format, args.id_column, parsed, results)
@@ -352,7 +140,7 @@ def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
             with open(args.output, "w", encoding="utf-8", newline="") as out:
                 _write_output(out, args.output_format, args.id_column, parsed, results)
         except OSError as exc:
-            raise CliError(f"cannot write {args.output}: {_reason(exc)}") from None
+            raise InputError(f"cannot write {args.output}: {error_reason(exc)}") from None
     versions = sorted({b.model_version for b in results} or {info.version}, key=lambda v: (len(v), v))
     names = sorted({b.model_name for b in results} or {info.name})
     noun = "version" if len(versions) == 1 else "versions"
@@ -389,7 +177,7 @@ def _cmd_info(client: ScoringClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     names = info.feature_names
     loaded_at = info.loaded_at.isoformat()
-    first = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
+    first = ", ".join(names[:_FEATURES_SHOWN]) + (", ..." if len(names) > _FEATURES_SHOWN else "")
     rows = [
         ("model", info.name),
         ("version", info.version),
@@ -408,7 +196,14 @@ def _cmd_info(client: ScoringClient, args: argparse.Namespace) -> int:
 
 
 def _cmd_health(client: ScoringClient, args: argparse.Namespace) -> int:
-    status = client.health(args.service)
+    try:
+        status = client.health(args.service)
+    except ScoringError as exc:
+        if exc.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        known = ", ".join(repr(name) for name in client.health_services())
+        print(f"error: unknown service {args.service!r}; the server reports the health of {known}", file=sys.stderr)
+        return EXIT_FAILED
     print(status)
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
 
@@ -436,6 +231,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# Every command's --help ends with the exit codes, laid out as written.
+_help_layout: Final[dict[str, Any]] = {
+    "epilog": EXIT_CODES_HELP,
+    "formatter_class": argparse.RawDescriptionHelpFormatter,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -450,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
     )
     parser = argparse.ArgumentParser(
-        prog="tabserve-client", description="Command-line client of a tabserve scoring server."
+        prog="tabserve-client",
+        description="Command-line client of a tabserve scoring server.",
+        **_help_layout,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -459,15 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="score the rows of a CSV or JSON-lines file",
         description=(
-            "Score rows from a CSV or JSON-lines file (or stdin). Columns must be the model's features, plus "
-            "an optional id column that is copied to the output. Empty, NA and nan cells (null in JSON) mean "
+            "Score rows from a CSV or JSON-lines file (or stdin). Columns must be the model's features, plus\n"
+            "an optional id column that is copied to the output. Empty, NA and nan cells (null in JSON) mean\n"
             "missing."
         ),
+        **_help_layout,
     )
     score.add_argument("file", nargs="?", metavar="FILE", help="input file; '-' or absent for stdin")
     score.add_argument(
         "--input-format",
-        choices=("csv", "jsonl"),
+        choices=INPUT_FORMATS,
         help="default: from the extension (.jsonl/.ndjson are JSON lines, else CSV); CSV for stdin",
     )
     score.add_argument(
@@ -486,12 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.set_defaults(handler=_cmd_score)
 
-    info = commands.add_parser("info", parents=[common], help="show the live model version")
+    info = commands.add_parser("info", parents=[common], help="show the live model version", **_help_layout)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(handler=_cmd_info)
 
     health = commands.add_parser(
-        "health", parents=[common], help="grpc.health.v1 status (exit 0 when SERVING, 1 otherwise)"
+        "health",
+        parents=[common],
+        help="grpc.health.v1 status (exit 0 when SERVING, 1 otherwise)",
+        **_help_layout,
     )
     health.add_argument("--service", default="", help="service name ('' is the whole server)")
     health.set_defaults(handler=_cmd_health)
@@ -504,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         with ScoringClient(args.target, timeout=args.timeout) as client:
             code: int = args.handler(client, args)
             return code
-    except CliError as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ScoringError as exc:
@@ -518,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -216,6 +216,30 @@ class ScoringClient:
         response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
+    def health_services(self, *, timeout: float | None = None) -> tuple[str, ...]:
+        """Service names whose health the server reports ('' first), found through server reflection."""
+        # Imported here: only this call needs reflection, and the common path stays small.
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(self._channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        try:
+            (response,) = stub.ServerReflectionInfo(
+                iter([request]), timeout=self.timeout if timeout is None else timeout
+            )
+        except grpc.RpcError as exc:
+            raise ScoringError(exc.code(), exc.details() or "") from None
+        known = [""]
+        for name in sorted(s.name for s in response.list_services_response.service):
+            try:
+                self.health(name, timeout=timeout)
+            except ScoringError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                continue  # reflected, but health knows nothing of it (e.g. the reflection service itself)
+            known.append(name)
+        return tuple(known)
+
     # --- helpers ----------------------------------------------------------------------------
 
     @staticmethod
