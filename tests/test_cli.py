@@ -306,7 +306,8 @@ def test_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_readme_lists_the_exit_codes_of_the_help() -> None:
     readme = (REPO / "README.md").read_text()
-    documented = re.findall(r"^\| (\d+) \| ", readme.split("### Command-line client", 1)[1].split("\n#", 1)[0], flags=re.MULTILINE)
+    section = readme.split("### Command-line client", 1)[1].split("\n#", 1)[0]
+    documented = re.findall(r"^\| (\d+) \| ", section, flags=re.MULTILINE)
     assert documented == re.findall(r"^  (\d+) ", EXIT_CODES_HELP, flags=re.MULTILINE) == ["0", "1", "2", "130"]
 
 
