@@ -7,8 +7,13 @@ STAMP  := $(VENV)/.installed
 DATA   ?= data
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN_DIR := clients
+# Where the alerts' runbook_url annotations point: the published docs/runbook.md; each alert appends its
+# `#anchor`. Default: the runbook in the repository on GitHub. Deploy with your own copy, e.g.
+#   make alerts RUNBOOK_URL=https://git.example.com/ml/tabserve/-/blob/main/docs/runbook.md ALERTS_OUT=build/alerts
+RUNBOOK_URL ?= https://github.com/tabserve/tabserve/blob/main/docs/runbook.md
+ALERTS_OUT ?= monitor/alerts
 
-.PHONY: venv run test lint protos protos-check demo demo-model bench clean
+.PHONY: venv run test lint protos protos-check alerts alerts-check demo demo-model bench clean
 
 venv: $(STAMP)
 
@@ -26,11 +31,19 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(PY) tools/gen_protos.py --out $(GEN_DIR) --check
 
+## alerts: write the alert rules and their promtool tests with runbook_url = $(RUNBOOK_URL)#<alert> to $(ALERTS_OUT)
+alerts: $(STAMP)
+	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --out '$(ALERTS_OUT)'
+
+## alerts-check: fail when monitor/alerts was not written with the default RUNBOOK_URL
+alerts-check: $(STAMP)
+	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --check
+
 lint: $(STAMP)
 	$(PY) -m ruff check server clients monitor tests tools bench
 	$(PY) -m mypy
 
-test: $(STAMP) protos-check lint
+test: $(STAMP) protos-check alerts-check lint
 	$(PY) -m pytest tests
 
 ## run: embedded default: local SQLite registry + demo model under $(DATA)/, server in the foreground

@@ -10,12 +10,14 @@ import pytest
 import yaml
 
 from tests.support import required_command
+from tools.gen_alert_rules import main as gen_alert_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitor" / "alerts" / "tabserve.rules.yml"
 RULE_TESTS = ROOT / "monitor" / "alerts" / "tabserve.rules.test.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 README = ROOT / "README.md"
+MAKEFILE = ROOT / "Makefile"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,11 @@ def _run(promtool: str, *args: str) -> None:
 def _alerts() -> list[dict]:
     groups = yaml.safe_load(RULES.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def _default_runbook_url() -> str:
+    (url,) = re.findall(r"^RUNBOOK_URL \?= (\S+)$", MAKEFILE.read_text(), flags=re.MULTILINE)
+    return str(url)
 
 
 def _github_anchor(heading: str) -> str:
@@ -70,7 +77,9 @@ def test_every_alert_has_severity_for_and_annotations() -> None:
         annotations = rule.get("annotations", {})
         for key in ("summary", "description", "runbook_url"):
             assert annotations.get(key), f"{name}: missing {key}"
-        assert annotations["runbook_url"].startswith("docs/runbook.md#"), name
+        # A pager opens it as is: absolute, from the Makefile's RUNBOOK_URL (`make alerts` writes it).
+        assert annotations["runbook_url"] == f"{_default_runbook_url()}#{name.lower()}", name
+        assert annotations["runbook_url"].startswith("https://"), name
 
 
 def test_every_runbook_anchor_is_a_heading() -> None:
@@ -101,3 +110,15 @@ def test_every_metric_in_the_rules_is_documented() -> None:
     for metric in sorted(used):
         base = re.sub(r"_(bucket|count|sum)$", "", metric)
         assert f"`{metric}`" in readme or f"`{base}`" in readme, f"{metric} is not in README.md"
+
+
+def test_make_alerts_points_rules_and_their_tests_at_another_runbook(promtool: str, tmp_path: Path) -> None:
+    url = "https://wiki.example.com/ml/tabserve/runbook"
+    assert gen_alert_rules(["--runbook-url", url, "--out", str(tmp_path)]) == 0
+    rules = yaml.safe_load((tmp_path / RULES.name).read_text())["groups"]
+    urls = {rule["alert"]: rule["annotations"]["runbook_url"] for group in rules for rule in group["rules"]}
+    assert urls == {name: f"{url}#{name.lower()}" for name in urls} and len(urls) == len(_alerts())
+    _run(promtool, "test", "rules", str(tmp_path / RULE_TESTS.name))
+    # The checked-in files were written with the default, so checking them against another URL fails.
+    assert gen_alert_rules(["--runbook-url", url, "--check"]) == 1
+    assert gen_alert_rules(["--runbook-url", _default_runbook_url(), "--check"]) == 0
