@@ -40,7 +40,7 @@ alerts-check: $(STAMP)
 	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --check
 
 lint: $(STAMP)
-	$(PY) -m ruff check server clients monitor tests tools bench
+	$(PY) -m ruff check common server clients monitor tests tools bench
 	$(PY) -m mypy
 
 test: $(STAMP) protos-check alerts-check lint

@@ -7,14 +7,15 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from tabserve_common.settings import settings_table
 from tabserve_server.metrics import ServerMetrics
-from tabserve_server.settings import ENV_PREFIX, ServerSettings, settings_table
+from tabserve_server.settings import ServerSettings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme_table() -> None:
-    assert settings_table(ServerSettings, ENV_PREFIX) in README
+    assert settings_table(ServerSettings) in README
 
 
 def test_every_server_metric_is_listed() -> None:
@@ -27,10 +28,9 @@ def test_every_server_metric_is_listed() -> None:
 
 def test_every_monitor_setting_and_metric_is_in_the_readme() -> None:
     from tabserve_monitor.metrics import MonitorMetrics
-    from tabserve_monitor.settings import ENV_PREFIX as MONITOR_PREFIX
     from tabserve_monitor.settings import MonitorSettings
 
-    assert settings_table(MonitorSettings, MONITOR_PREFIX) in README
+    assert settings_table(MonitorSettings) in README
     registry = CollectorRegistry()
     MonitorMetrics(registry)
     names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}

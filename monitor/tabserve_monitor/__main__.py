@@ -11,24 +11,20 @@ from collections.abc import Sequence
 
 from prometheus_client import start_http_server
 
+from tabserve_common.address import split_address
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.settings import MonitorSettings
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = MonitorSettings.load(argv)
+    settings = MonitorSettings.load_or_exit(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    host, port = _split(settings.metrics_address)
+    host, port = split_address(settings.metrics_address)
     try:
         metrics_server, _ = start_http_server(port, addr=host)
     except OSError as exc:

@@ -25,8 +25,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
+
+from tabserve_common.mlflow_client import configure_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +129,8 @@ class RegistryWatcher:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            from tabserve_server.core.loading import LoaderConfig, configure_mlflow
-
             # Bounds MLflow's HTTP retries the way the server does, so an unreachable registry fails fast.
-            configure_mlflow(
-                LoaderConfig(
-                    tracking_uri=self._tracking_uri, registry_uri=self._tracking_uri, cache_dir=Path(),
-                    default_threshold=0.5, allow_pyfunc=False, predict_threads=0,
-                    registry_timeout_seconds=self._timeout,
-                )
-            )
+            configure_mlflow(self._tracking_uri, self._tracking_uri, self._timeout)
             uri = self._tracking_uri or None
             self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         return self._client

@@ -15,7 +15,7 @@ from tabserve_server.supervisor import Supervisor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = ServerSettings.load(argv)
+    settings = ServerSettings.load_or_exit(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -7,7 +7,6 @@ SERVING after, and NOT_SERVING again from the moment shutdown starts.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from concurrent import futures
@@ -22,8 +21,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from tabserve.control.v1 import control_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tabserve_common.address import is_loopback
+
+# Re-exported (explicitly, for mypy) while supervisor.py imports it from here.
+from tabserve_common.address import split_address as split_address  # noqa: PLC0414
+from tabserve_common.mlflow_client import configure_mlflow
 from tabserve_server.core.dataplane import DataPlane
-from tabserve_server.core.loading import LoaderConfig, ModelLoader, configure_mlflow, model_name_from_uri
+from tabserve_server.core.loading import LoaderConfig, ModelLoader, model_name_from_uri
 from tabserve_server.core.manager import LoadState, ModelManager
 from tabserve_server.core.model import AspiredVersion, LoadedModel
 from tabserve_server.metrics import ServerMetrics
@@ -39,24 +43,10 @@ log = logging.getLogger(__name__)
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"].full_name
 
 
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_control_address(settings: ServerSettings) -> None:
     """The control service may listen beyond loopback only with a token."""
     host, _ = split_address(settings.control_address)
-    if not _is_loopback(host) and not settings.control_token:
+    if not is_loopback(host) and not settings.control_token:
         raise ValueError(f"control_address {settings.control_address} is not loopback: set control_token")
 
 
@@ -116,7 +106,8 @@ class ServingApp:
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        configure_mlflow(self.loader.config)
+        config = self.loader.config
+        configure_mlflow(config.tracking_uri, config.registry_uri, config.registry_timeout_seconds)
         s = self.settings
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),

@@ -77,22 +77,6 @@ def model_name_from_uri(uri: str) -> str:
     return ""
 
 
-def configure_mlflow(config: LoaderConfig) -> None:
-    """Point MLflow at the registry and bound its HTTP retries, so an unreachable registry fails fast.
-
-    MLflow reads these from the environment; this is the one place the server sets them.
-    """
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(config.registry_timeout_seconds))))
-    if config.tracking_uri:
-        mlflow.set_tracking_uri(config.tracking_uri)
-    if config.registry_uri or config.tracking_uri:
-        mlflow.set_registry_uri(config.registry_uri or config.tracking_uri)
-
-
 def _is_unreachable(exc: BaseException) -> bool:
     import requests
 
@@ -395,4 +379,4 @@ def _cache_metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-__all__ = ["LoaderConfig", "ModelLoader", "configure_mlflow", "model_name_from_uri", "validate"]
+__all__ = ["LoaderConfig", "ModelLoader", "model_name_from_uri", "validate"]

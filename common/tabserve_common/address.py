@@ -1,0 +1,36 @@
+"""Listener addresses as `host:port` text: split one into its parts, join parts back, tell loopback apart."""
+
+from __future__ import annotations
+
+import ipaddress
+
+__all__ = ["is_loopback", "join_address", "split_address"]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` → (host, port); `[::1]:80` → ('::1', 80); an empty host means every interface ('0.0.0.0').
+
+    Raises ValueError unless the port is an integer in 0..65535.
+    """
+    host, colon, port = address.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not colon or not 0 <= number <= 65535:
+        raise ValueError(f"not host:port with a port in 0..65535: {address!r}")
+    return host.strip("[]") or "0.0.0.0", number
+
+
+def join_address(host: str, port: int) -> str:
+    """(host, port) → `host:port`, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

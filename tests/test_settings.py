@@ -1,0 +1,169 @@
+"""Settings of both processes: every bad value is refused at start with one line naming the flag and the variable.
+
+The tables cover each declared range and relation (from a flag and from the environment), the boolean forms
+(bare switch, `=false`, environment), and a real `python -m tabserve_server` / `tabserve_monitor` ending with
+status 2 and that one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tabserve_common.settings import Settings, SettingsError
+from tabserve_monitor.settings import MonitorSettings
+from tabserve_server.settings import ServerSettings
+from tools.processes import prefixed_env
+
+# (settings class, field, text given, what the error says after "invalid --flag / VARIABLE: ")
+BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
+    (ServerSettings, "workers", "-3", "must be >= 0, got -3"),
+    (ServerSettings, "workers", "two", "must be an integer, got 'two'"),
+    (ServerSettings, "max_rows", "0", "must be >= 1, got 0"),
+    (ServerSettings, "max_message_bytes", "0", "must be >= 1 and <= 2147483647, got 0"),
+    (ServerSettings, "max_message_bytes", str(2**31), f"must be >= 1 and <= 2147483647, got {2**31}"),
+    (ServerSettings, "max_workers", "0", "must be >= 1, got 0"),
+    (ServerSettings, "max_concurrent_rpcs", "-1", "must be >= 0, got -1"),
+    (ServerSettings, "predict_threads", "-1", "must be >= 0, got -1"),
+    (ServerSettings, "shutdown_grace_seconds", "-1", "must be >= 0, got -1.0"),
+    (ServerSettings, "registry_timeout_seconds", "0", "must be > 0, got 0.0"),
+    (ServerSettings, "registry_timeout_seconds", "inf", "must be a finite number, got inf"),
+    (ServerSettings, "registry_timeout_seconds", "soon", "must be a number, got 'soon'"),
+    (ServerSettings, "retry_initial_seconds", "0", "must be > 0, got 0.0"),
+    (ServerSettings, "retry_initial_seconds", "61", "must be <= --retry-max-seconds (60.0), got 61.0"),
+    (ServerSettings, "retry_max_seconds", "0", "must be > 0, got 0.0"),
+    (ServerSettings, "default_threshold", "1.5", "must be >= 0 and <= 1, got 1.5"),
+    (ServerSettings, "default_threshold", "-0.1", "must be >= 0 and <= 1, got -0.1"),
+    (ServerSettings, "default_threshold", "nan", "must be a finite number, got nan"),
+    (ServerSettings, "address", "localhost", "must be host:port (port 0-65535), got 'localhost'"),
+    (ServerSettings, "address", "0.0.0.0:65536", "must be host:port (port 0-65535), got '0.0.0.0:65536'"),
+    (ServerSettings, "control_address", "127.0.0.1:ctl", "must be host:port (port 0-65535), got '127.0.0.1:ctl'"),
+    (ServerSettings, "metrics_address", "", "must be host:port (port 0-65535), got ''"),
+    (ServerSettings, "model_uri", "", "must be non-empty, got ''"),
+    (ServerSettings, "cache_dir", "", "must be non-empty, got ''"),
+    (ServerSettings, "log_level", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'verbose'"),
+    (ServerSettings, "allow_pyfunc", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),
+    (ServerSettings, "allow_schema_change", "2", "must be true or false (also 1/0, yes/no, on/off), got '2'"),
+    (MonitorSettings, "poll_interval_seconds", "0", "must be > 0, got 0.0"),
+    (MonitorSettings, "audit_interval_seconds", "-5", "must be > 0, got -5.0"),
+    (MonitorSettings, "backoff_max_seconds", "0", "must be > 0, got 0.0"),
+    (MonitorSettings, "rpc_timeout_seconds", "0", "must be > 0, got 0.0"),
+    (MonitorSettings, "control_address", "server", "must be host:port (port 0-65535), got 'server'"),
+    (MonitorSettings, "public_address", "server:", "must be host:port (port 0-65535), got 'server:'"),
+    (MonitorSettings, "metrics_address", ":-1", "must be host:port (port 0-65535), got ':-1'"),
+    (MonitorSettings, "model_name", "", "must be non-empty, got ''"),
+    (MonitorSettings, "alias", "", "must be non-empty unless --stage is set, got ''"),
+    (MonitorSettings, "canary", "sometimes", "must be true or false (also 1/0, yes/no, on/off), got 'sometimes'"),
+    (MonitorSettings, "log_level", "loud", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'loud'"),
+]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@pytest.mark.parametrize("source", ["flag", "environment"])
+@pytest.mark.parametrize(("cls", "name", "text", "problem"), BAD_VALUES)
+def test_a_bad_value_names_the_flag_and_the_variable(
+    cls: type[Settings], name: str, text: str, problem: str, source: str
+) -> None:
+    if source == "flag":
+        argv, environ = [f"{_flag(name)}={text}"], {}
+    else:
+        argv, environ = [], {cls.env_prefix + name.upper(): text}
+    with pytest.raises(SettingsError) as caught:
+        cls.load(argv, environ)
+    assert str(caught.value) == f"invalid {_flag(name)} / {cls.env_prefix}{name.upper()}: {problem}"
+
+
+def test_every_checked_field_has_a_bad_value_in_the_table() -> None:
+    """A field that gains a range or a relation gains a row above."""
+    for cls in (ServerSettings, MonitorSettings):
+        checked = {
+            f.name for f in dataclasses.fields(cls)
+            if any(f.metadata.get(rule) for rule in ("minimum", "above", "maximum", "choices", "address", "non_empty"))
+            or f.type == "bool"
+        }
+        tabled = {name for table_cls, name, _, _ in BAD_VALUES if table_cls is cls}
+        assert checked <= tabled, checked - tabled
+
+
+@pytest.mark.parametrize(
+    ("cls", "values"),
+    [
+        (ServerSettings, {"workers": 0, "max_concurrent_rpcs": 0, "predict_threads": 0, "shutdown_grace_seconds": 0}),
+        (ServerSettings, {"default_threshold": 0.0, "max_rows": 1, "max_message_bytes": 2**31 - 1}),
+        (ServerSettings, {"default_threshold": 1.0, "retry_initial_seconds": 5.0, "retry_max_seconds": 5.0}),
+        (ServerSettings, {"address": "[::1]:0", "control_address": "localhost:65535", "metrics_address": ":9100"}),
+        (ServerSettings, {"log_level": "debug"}),
+        (MonitorSettings, {"alias": "", "stage": "Production", "log_level": "warning"}),
+        # A shorter back-off than the poll interval only retries sooner after a failure: allowed.
+        (MonitorSettings, {"poll_interval_seconds": 300.0, "backoff_max_seconds": 60.0}),
+    ],
+)
+def test_values_at_the_edges_are_accepted(cls: type[Settings], values: dict[str, Any]) -> None:
+    argv = [f"{_flag(name)}={value}" for name, value in values.items()]
+    loaded = cls.load(argv, {})
+    assert {name: getattr(loaded, name) for name in values} == values
+
+
+def test_settings_built_in_code_are_checked_too() -> None:
+    with pytest.raises(SettingsError, match="^invalid --workers / TABSERVE_SERVER_WORKERS: must be >= 0, got -3$"):
+        ServerSettings(workers=-3)
+    with pytest.raises(SettingsError, match="^invalid --max-rows / TABSERVE_SERVER_MAX_ROWS: must be >= 1, got 0$"):
+        dataclasses.replace(ServerSettings(), max_rows=0)
+
+
+def test_an_unknown_flag_is_one_line() -> None:
+    with pytest.raises(SettingsError) as caught:
+        ServerSettings.load(["--wrokers=2"], {})
+    assert str(caught.value) == "unrecognized arguments: --wrokers=2 (--help lists the settings)"
+
+
+@pytest.mark.parametrize(
+    ("cls", "argv", "environ", "expected"),
+    [
+        (ServerSettings, [], {}, {"allow_pyfunc": False}),
+        (ServerSettings, ["--allow-pyfunc"], {}, {"allow_pyfunc": True}),
+        (ServerSettings, ["--allow-pyfunc=false"], {}, {"allow_pyfunc": False}),
+        (ServerSettings, ["--allow-pyfunc=TRUE"], {}, {"allow_pyfunc": True}),
+        (ServerSettings, ["--allow-pyfunc", "off"], {}, {"allow_pyfunc": False}),
+        (ServerSettings, ["--allow-pyfunc", "--workers", "2"], {}, {"allow_pyfunc": True, "workers": 2}),
+        (ServerSettings, ["--allow-schema-change", "--allow-pyfunc"], {},
+         {"allow_schema_change": True, "allow_pyfunc": True}),
+        (ServerSettings, [], {"TABSERVE_SERVER_ALLOW_PYFUNC": "yes"}, {"allow_pyfunc": True}),
+        (ServerSettings, ["--allow-pyfunc=0"], {"TABSERVE_SERVER_ALLOW_PYFUNC": "1"}, {"allow_pyfunc": False}),
+        (ServerSettings, ["--allow-pyfunc"], {"TABSERVE_SERVER_ALLOW_PYFUNC": "false"}, {"allow_pyfunc": True}),
+        (MonitorSettings, [], {}, {"canary": True}),
+        (MonitorSettings, ["--canary=false"], {}, {"canary": False}),
+        (MonitorSettings, ["--canary"], {"TABSERVE_MONITOR_CANARY": "no"}, {"canary": True}),
+    ],
+)
+def test_boolean_forms(
+    cls: type[Settings], argv: list[str], environ: dict[str, str], expected: dict[str, Any]
+) -> None:
+    loaded = cls.load(argv, environ)
+    assert {name: getattr(loaded, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "values", "line"),
+    [
+        ("tabserve_server", ["--workers=-3"], {},
+         "tabserve-server: invalid --workers / TABSERVE_SERVER_WORKERS: must be >= 0, got -3"),
+        ("tabserve_monitor", [], {"poll_interval_seconds": "0"},
+         "tabserve-monitor: invalid --poll-interval-seconds / TABSERVE_MONITOR_POLL_INTERVAL_SECONDS: "
+         "must be > 0, got 0.0"),
+    ],
+)
+def test_the_process_exits_2_with_one_line(module: str, argv: list[str], values: dict[str, str], line: str) -> None:
+    prefix = "TABSERVE_SERVER_" if module == "tabserve_server" else "TABSERVE_MONITOR_"
+    result = subprocess.run(
+        [sys.executable, "-m", module, *argv], env=prefixed_env(prefix, values), capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", line + "\n")
