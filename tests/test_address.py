@@ -25,7 +25,7 @@ def test_split_and_join(address: str, parts: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize("address", ["", "localhost", "host:", "host:http", "host:-1", "host:65536", "[::1]"])
 def test_not_an_address(address: str) -> None:
-    with pytest.raises(ValueError, match="not host:port with a port in 0..65535"):
+    with pytest.raises(ValueError, match=r"not host:port with a port in 0\.\.65535"):
         split_address(address)
 
 

@@ -19,7 +19,8 @@ CLIENTS = Path(__file__).resolve().parent.parent / "clients"
 def test_importing_the_client_pulls_in_no_server_dependencies() -> None:
     code = (
         "import sys, tabserve_client, tabserve_client.cli\n"
-        "heavy = sorted(m for m in ('mlflow', 'lightgbm', 'pandas', 'tabserve_server', 'tabserve_common') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('mlflow', 'lightgbm', 'pandas', 'tabserve_server', 'tabserve_common')\n"
+        "               if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -112,10 +112,12 @@ def test_values_at_the_edges_are_accepted(cls: type[Settings], values: dict[str,
 
 
 def test_settings_built_in_code_are_checked_too() -> None:
-    with pytest.raises(SettingsError, match="^invalid --workers / TABSERVE_SERVER_WORKERS: must be >= 0, got -3$"):
+    with pytest.raises(SettingsError) as built:
         ServerSettings(workers=-3)
-    with pytest.raises(SettingsError, match="^invalid --max-rows / TABSERVE_SERVER_MAX_ROWS: must be >= 1, got 0$"):
+    assert str(built.value) == "invalid --workers / TABSERVE_SERVER_WORKERS: must be >= 0, got -3"
+    with pytest.raises(SettingsError) as replaced:
         dataclasses.replace(ServerSettings(), max_rows=0)
+    assert str(replaced.value) == "invalid --max-rows / TABSERVE_SERVER_MAX_ROWS: must be >= 1, got 0"
 
 
 def test_an_unknown_flag_is_one_line() -> None:
