@@ -30,13 +30,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from inference import open_inference_grpc_pb2 as v2_pb
-from inference import open_inference_grpc_pb2_grpc as v2_grpc
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from prometheus_client.parser import text_string_to_metric_families
 
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve.inference.v2 import open_inference_grpc_pb2 as v2_pb
+from tabserve.inference.v2 import open_inference_grpc_pb2_grpc as v2_grpc
 from tabserve_client import ScoringClient, ScoringError
 from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
 from tabserve_server.settings import ServerSettings

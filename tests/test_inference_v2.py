@@ -9,6 +9,7 @@ the project's own scoring API in this process.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -21,13 +22,14 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from inference import open_inference_grpc_pb2 as pb
-from inference import open_inference_grpc_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
+from tabserve.inference.v2 import open_inference_grpc_pb2 as pb
+from tabserve.inference.v2 import open_inference_grpc_pb2_grpc as pb_grpc
 from tabserve_client import ScoringClient
 from tabserve_server.app import ServingApp
 from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
+from tabserve_server.transport.inference_v2 import SERVICE_NAME
 from tests.support import MODEL_NAME, server_settings, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,6 +308,19 @@ def test_health_and_reflection_list_the_inference_service(app: ServingApp) -> No
     services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {SERVICE, "tabserve.scoring.v1.Scoring", "grpc.health.v1.Health"} <= services
     assert ProtoReflectionDescriptorDatabase(channel).FindFileContainingSymbol(SERVICE).package == "inference"
+
+
+def test_stubs_live_under_the_project_namespace_with_the_protocols_wire_names() -> None:
+    # A top-level `inference` would collide with another distribution of that name; the wire names
+    # must not move with the Python package, or tritonclient and every V2 client would break.
+    assert importlib.util.find_spec("inference") is None
+    assert pb.__name__ == "tabserve.inference.v2.open_inference_grpc_pb2"
+    assert pb.DESCRIPTOR.package == "inference"
+    assert SERVICE_NAME == SERVICE
+    assert {m.full_name for m in pb.DESCRIPTOR.message_types_by_name.values()} >= {
+        "inference.ModelInferRequest", "inference.ModelInferResponse", "inference.ModelMetadataResponse",
+    }
+    assert all(m.full_name.startswith("inference.") for m in pb.DESCRIPTOR.message_types_by_name.values())
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from inference import open_inference_grpc_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from tabserve.control.v1 import control_pb2_grpc
+from tabserve.inference.v2 import open_inference_grpc_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_common.address import is_loopback
 

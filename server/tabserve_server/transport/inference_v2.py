@@ -19,9 +19,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-from inference import open_inference_grpc_pb2 as pb
-from inference import open_inference_grpc_pb2_grpc as pb_grpc
 
+from tabserve.inference.v2 import open_inference_grpc_pb2 as pb
+from tabserve.inference.v2 import open_inference_grpc_pb2_grpc as pb_grpc
 from tabserve_server.core.dataplane import DataPlane, RowBatch, ScoreResult
 from tabserve_server.core.model import LoadedModel
 from tabserve_server.errors import InvalidInput, ModelUnavailable
