@@ -8,12 +8,10 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
   serving        project server vs reference servicer, Python generators            bench/serving.py
   h2load         the same, single-row throughput from h2load                         bench/h2load.py
   reload         p99 and failed calls while the version is switched under load       bench/serving.py
-  ---- sections written elsewhere: reported as "not built" until they exist ----
   multi-worker   several SO_REUSEPORT workers vs the single-process reference        bench/h2load.py
-                 (runs once ServerSettings has a `workers` setting)
   monitor-poll   monitor per-poll cost, 500 versions vs 1                            bench/monitor_poll.py
   reload-memory  RSS after 50 reloads vs after 1                                     bench/reload_memory.py
-                 (each module exposes `run(quick: bool) -> dict`, see bench/report.py for the shape)
+(each returns a dict of the shape in bench/report.py). The exit code is 0 only when every section is "ok".
 
 --quick uses a tiny model and a few calls per figure (the smoke test runs it); its numbers mean nothing.
 """
@@ -22,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -39,18 +35,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compute, h2load, serving
+from bench import compute, h2load, monitor_poll, reload_memory, serving
 from bench.model import FULL, TINY, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
-from bench.report import SectionResult, format_figures, format_targets, markdown, not_built
+from bench.report import SectionResult, format_figures, format_targets, markdown
 from tools.processes import ServerProcess
 
 log = logging.getLogger("bench")
 
 DEFAULT_OUT = REPO / "bench" / "results.json"
 QUICK_OUT = REPO / "bench" / ".cache" / "results-quick.json"
-# Sections other people are writing: module name -> section name.
-EXTERNAL_SECTIONS = {"bench.monitor_poll": "monitor-poll", "bench.reload_memory": "reload-memory"}
 
 
 def _versions() -> dict[str, str]:
@@ -83,34 +77,6 @@ def _guarded(name: str, sections: dict[str, dict[str, Any]], body: Callable[[], 
     section["seconds"] = round(time.monotonic() - started, 1)
     sections[name] = section
     log.info("section %s: %s in %.1f s", name, section.get("status"), section["seconds"])
-
-
-def _normalised(raw: Any) -> dict[str, Any]:
-    """A section dict from another module: kept when it has our shape, numeric leaves listed otherwise."""
-    if not isinstance(raw, dict):
-        return SectionResult(status="failed", notes=[f"run() returned {type(raw).__name__}, not a dict"]).as_dict()
-    if isinstance(raw.get("figures"), list):
-        return {"status": "ok", "targets": [], "notes": [], **raw}
-    result = SectionResult(notes=["figures derived from the module's raw result"])
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, bool):
-            return
-        if isinstance(value, int | float):
-            result.add(prefix, "project", "n/a", float(value), "")
-        elif isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-
-    walk("", raw)
-    return {**result.as_dict(), "raw": raw}
-
-
-def _external(module: str, quick: bool) -> dict[str, Any]:
-    if importlib.util.find_spec(module) is None:
-        return not_built(f"{module.replace('.', '/')}.py does not exist yet")
-    run: Callable[[bool], Any] = importlib.import_module(module).run
-    return _normalised(run(quick))
 
 
 def run_all(quick: bool) -> dict[str, Any]:
@@ -162,8 +128,8 @@ def run_all(quick: bool) -> dict[str, Any]:
             start_server=start_server, wait_serving=wait_serving,
         ))
         children.close()  # servers stop before the sections that start their own
-    for module, name in EXTERNAL_SECTIONS.items():
-        _guarded(name, sections, lambda module=module: _external(module, quick))  # type: ignore[misc]
+    _guarded("monitor-poll", sections, lambda: monitor_poll.run(quick))
+    _guarded("reload-memory", sections, lambda: reload_memory.run(quick))
 
     targets = [t for section in sections.values() for t in section.get("targets", [])]
     return {
@@ -215,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_targets(results["targets"]))
     print(f"\nwritten to {out}")
-    return 0 if all(s.get("status") in {"ok", "not built"} for s in results["sections"].values()) else 1
+    return 0 if all(s.get("status") == "ok" for s in results["sections"].values()) else 1
 
 
 if __name__ == "__main__":

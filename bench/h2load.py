@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.processes import SCORE_METHOD, has_setting, score_calls_by_code
-from bench.report import H2LOAD, SectionResult, Target, not_built, ratio
+from bench.processes import SCORE_METHOD, score_calls_by_code
+from bench.report import H2LOAD, SectionResult, Target, ratio
 from bench.serving import score_request
 from tools.processes import ChildProcess
 
@@ -152,7 +152,7 @@ def run(
     return result.as_dict()
 
 
-# --- multi-worker (SO_REUSEPORT): the server side is being built elsewhere -----------------------
+# --- multi-worker (SO_REUSEPORT) ------------------------------------------------------------------
 
 
 def run_multi_worker(
@@ -161,8 +161,6 @@ def run_multi_worker(
 ) -> dict[str, Any]:
     """Several worker processes on one port vs the single-process reference (target >= 1.6x), measured in
     alternating rounds like the h2load section (the project's single-process server is stopped by then)."""
-    if not has_setting("workers"):
-        return not_built("ServerSettings has no `workers` setting yet (multi-worker server not built)")
     result = SectionResult()
     workers = os.cpu_count() or 1
     body = write_body(workdir / "score-1row-mw.grpc", rows[:1])

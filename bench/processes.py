@@ -7,7 +7,6 @@ stdout first; stderr goes to a log file in the work directory. `stop()` is alway
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tabserve_server.settings import ENV_PREFIX, ServerSettings
+from tabserve_server.settings import ENV_PREFIX
 from tools.processes import ChildProcess, ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,10 +27,6 @@ def python_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
-
-
-def has_setting(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(ServerSettings)}
 
 
 def start_project_server(

@@ -2,7 +2,7 @@
 
 A section returns a JSON-able dict (sections written elsewhere, e.g. bench/monitor_poll.py, follow it too):
 
-    {"status": "ok" | "not built" | "failed",
+    {"status": "ok" | "failed",
      "figures": [Figure-as-dict, ...],   # each measured number, with the generator that produced it
      "targets": [Target-as-dict, ...],   # each issue-4 target this section decides, with its ratio
      "notes": ["free text", ...]}
@@ -73,10 +73,6 @@ class SectionResult:
             "targets": [t.as_dict() for t in self.targets],
             "notes": list(self.notes),
         }
-
-
-def not_built(reason: str) -> dict[str, Any]:
-    return SectionResult(status="not built", notes=[reason]).as_dict()
 
 
 def percentile_ms(seconds: Sequence[float] | np.ndarray, q: float) -> float:

@@ -87,6 +87,8 @@ def test_health_goes_serving_then_not_serving_and_sigterm_drains_in_flight_calls
 
 
 def test_deadline_is_honoured(tracking_uri: str, slow_model_uri: str, tmp_path: Path) -> None:
+    """The caller's deadline ends the call on time (the client's side; the server's own check, which refuses
+    to score a call whose deadline has passed, is tested in test_scoring_api.py)."""
     settings = server_settings(tracking_uri, tmp_path, model_uri=slow_model_uri, allow_pyfunc=True)
     with ServerProcess(settings, {"SLOW_MODEL_SECONDS": "3.0"}) as server:
         with ScoringClient(server.target, timeout=10) as client:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,7 +18,12 @@ from tabserve.control.v1 import control_pb2, control_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ScoringClient, ScoringError
 from tabserve_server.app import ServingApp
+from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
+from tabserve_server.metrics import ServerMetrics
+from tabserve_server.transport import inference_v2
+from tabserve_server.transport.edge import Edge
+from tabserve_server.transport.scoring import ScoringServicer
 from tests.support import server_settings, wait_for
 
 
@@ -206,9 +215,97 @@ def test_metrics_count_requests_rows_and_model(app: ServingApp, client: ScoringC
     assert registry.get_sample_value("tabserve_server_requests_total", {"method": method, "code": "OK"}) == 1
     assert registry.get_sample_value(
         "tabserve_server_requests_total", {"method": method, "code": "INVALID_ARGUMENT"}) == 1
-    assert registry.get_sample_value("tabserve_server_rows_scored_total") is not None
+    assert registry.get_sample_value("tabserve_server_rows_scored_total") == 5
     assert registry.get_sample_value(
         "tabserve_server_model_info", {"model_name": "credit-default", "model_version": "1", "loaded_from": "registry"}
     ) == 1
     assert registry.get_sample_value("tabserve_server_prediction_score_count") == 5
     assert registry.get_sample_value("tabserve_server_request_duration_seconds_count", {"method": method}) == 2
+
+
+# --- the server's own deadline check ------------------------------------------------------------------
+
+STALL_SECONDS = 1.0
+
+
+class _Stall(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Holds every call before the server's own handling starts, as a slow read or decode of a large request
+    would: the caller's deadline passes before the servicer runs, so only the servicer's check can see it."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        inner = handler.unary_unary
+
+        def stalled(request: Any, context: grpc.ServicerContext) -> Any:
+            time.sleep(STALL_SECONDS)
+            return inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            stalled,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@pytest.fixture
+def stalled_server(app: ServingApp) -> Iterator[tuple[grpc.Channel, ServerMetrics]]:
+    """The scoring and V2 servicers on the live model, behind the Edge, behind a stall; metrics of their own."""
+    metrics = ServerMetrics(CollectorRegistry())
+    dataplane = DataPlane(app.manager, 1000, metrics.observe_scores)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[_Stall(), Edge(metrics)])
+    scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(dataplane), server)
+    inference_v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        inference_v2.InferenceServicer(dataplane, lambda: True), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel, metrics
+    finally:
+        server.stop(0)
+
+
+def _score_call(channel: grpc.Channel, matrix: np.ndarray) -> Callable[[float], Any]:
+    request = scoring_pb2.ScoreRequest(
+        matrix=scoring_pb2.MatrixRows(float64_le=matrix.astype("<f8").tobytes(), num_rows=matrix.shape[0])
+    )
+    return lambda timeout: scoring_pb2_grpc.ScoringStub(channel).Score(request, timeout=timeout)
+
+
+def _infer_call(channel: grpc.Channel, matrix: np.ndarray) -> Callable[[float], Any]:
+    pb = inference_v2.pb
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP64", shape=list(matrix.shape))
+    request = pb.ModelInferRequest(inputs=[tensor], raw_input_contents=[matrix.astype("<f8").tobytes()])
+    return lambda timeout: inference_v2.pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("method", "call"),
+    [
+        ("tabserve.scoring.v1.Scoring/Score", _score_call),
+        ("inference.GRPCInferenceService/ModelInfer", _infer_call),
+    ],
+)
+def test_the_server_does_not_score_a_call_whose_deadline_has_passed(
+    stalled_server: tuple[grpc.Channel, ServerMetrics],
+    method: str,
+    call: Callable[[grpc.Channel, np.ndarray], Callable[[float], Any]],
+) -> None:
+    channel, metrics = stalled_server
+    send = call(channel, rows(3))
+    with pytest.raises(grpc.RpcError) as caught:
+        send(STALL_SECONDS / 4)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # the client's own deadline, either way
+
+    def answered(code: str) -> float:
+        return metrics.registry.get_sample_value("tabserve_server_requests_total", {"method": method, "code": code})
+
+    # The server finishes its side after the stall: it must refuse the call, not score rows nobody waits for.
+    wait_for(lambda: answered("DEADLINE_EXCEEDED") or answered("OK"), timeout=10, what="the server's answer")
+    assert (answered("DEADLINE_EXCEEDED"), answered("OK")) == (1, None)
+    assert metrics.registry.get_sample_value("tabserve_server_rows_scored_total") == 0
+    # With time to spare, the same call through the same stall is scored.
+    send(STALL_SECONDS * 10)
+    assert answered("OK") == 1
+    assert metrics.registry.get_sample_value("tabserve_server_rows_scored_total") == 3
