@@ -7,13 +7,18 @@ STAMP  := $(VENV)/.installed
 DATA   ?= data
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN_DIR := clients
+# The buf CLI, pinned in tools/buf/package-lock.json and installed from the npm registry by `npm ci`.
+BUF_DIR := tools/buf
+BUF     := $(BUF_DIR)/node_modules/.bin/buf
+BUF_STAMP := $(BUF_DIR)/node_modules/.installed
+API_SNAPSHOT := protos/api-snapshot.binpb
 # Where the alerts' runbook_url annotations point: the published docs/runbook.md; each alert appends its
 # `#anchor`. Default: the runbook in the repository on GitHub. Deploy with your own copy, e.g.
 #   make alerts RUNBOOK_URL=https://git.example.com/ml/tabserve/-/blob/main/docs/runbook.md ALERTS_OUT=build/alerts
 RUNBOOK_URL ?= https://github.com/tabserve/tabserve/blob/main/docs/runbook.md
 ALERTS_OUT ?= monitor/alerts
 
-.PHONY: venv run test lint protos protos-check alerts alerts-check demo demo-model bench clean
+.PHONY: venv run test lint protos protos-check buf buf-check protos-snapshot alerts alerts-check demo demo-model bench clean
 
 venv: $(STAMP)
 
@@ -31,6 +36,24 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(PY) tools/gen_protos.py --out $(GEN_DIR) --check
 
+## buf: install the pinned buf CLI into tools/buf/node_modules (--ignore-scripts: the package's bin finds
+## its platform binary without the postinstall step)
+buf: $(BUF_STAMP)
+
+$(BUF_STAMP): $(BUF_DIR)/package.json $(BUF_DIR)/package-lock.json
+	npm ci --prefix $(BUF_DIR) --ignore-scripts --no-audit --no-fund
+	@touch $(BUF_STAMP)
+
+## buf-check: buf lint of protos/, and buf breaking against the reviewed public-API snapshot
+buf-check: $(BUF_STAMP)
+	$(BUF) lint protos
+	$(BUF) breaking protos --against $(API_SNAPSHOT)
+
+## protos-snapshot: the deliberate, reviewed step that records protos/ as the public API buf-check guards
+protos-snapshot: $(BUF_STAMP)
+	$(BUF) lint protos
+	$(BUF) build protos --exclude-source-info -o $(API_SNAPSHOT)
+
 ## alerts: write the alert rules and their promtool tests with runbook_url = $(RUNBOOK_URL)#<alert> to $(ALERTS_OUT)
 alerts: $(STAMP)
 	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --out '$(ALERTS_OUT)'
@@ -43,7 +66,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check common server clients monitor tests tools bench
 	$(PY) -m mypy
 
-test: $(STAMP) protos-check alerts-check lint
+test: $(STAMP) protos-check buf-check alerts-check lint
 	$(PY) -m pytest tests
 
 ## run: embedded default: local SQLite registry + demo model under $(DATA)/, server in the foreground
