@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench.model import FULL, TINY, BenchModel, ensure_model, register, registry_for
 from bench.processes import start_project_server, wait_serving
 from bench.report import SectionResult, Target, ratio
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve.control.v1 import control_pb2
+from tabserve_client import ControlClient, aspired_version
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +44,12 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def _swap(control: Any, model_name: str, version: str, timeout: float = 300.0) -> float:
+def _swap(control: ControlClient, model_name: str, version: str, timeout: float = 300.0) -> float:
     """State `version` as aspired and wait until the server serves it; returns the seconds it took."""
-    aspired = control_pb2.AspiredVersion(model_name=model_name, version=version,
-                                         model_uri=f"models:/{model_name}/{version}")
     started = time.monotonic()
-    control.SetAspiredVersion(control_pb2.SetAspiredVersionRequest(aspired=aspired), timeout=10)
+    control.set_aspired(aspired_version(f"models:/{model_name}/{version}"))
     while True:
-        status = control.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
+        status = control.status()
         if status.serving.version == version and status.load_state != control_pb2.LOAD_STATE_LOADING:
             return time.monotonic() - started
         if status.load_state == control_pb2.LOAD_STATE_FAILED and status.failed_version == version:
@@ -67,9 +64,7 @@ def measure(tracking_uri: str, model_name: str, workdir: Path, reloads: int, set
     server = start_project_server(tracking_uri, f"models:/{model_name}/1", workdir, name="reload-memory")
     try:
         wait_serving(f"127.0.0.1:{server.ports['public_port']}")
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.ports['control_port']}")
-        try:
-            control = control_pb2_grpc.ModelControlStub(channel)
+        with ControlClient(f"127.0.0.1:{server.ports['control_port']}", timeout=10) as control:
             rss_start = rss_bytes(server.pid)
             curve: list[int] = []
             durations: list[float] = []
@@ -77,8 +72,6 @@ def measure(tracking_uri: str, model_name: str, workdir: Path, reloads: int, set
                 durations.append(_swap(control, model_name, "2" if i % 2 else "1"))
                 time.sleep(settle)  # the old model is dropped after the swap; let the loader thread go idle
                 curve.append(rss_bytes(server.pid))
-        finally:
-            channel.close()
     finally:
         server.stop()
     return {"rss_start": rss_start, "rss": curve, "reload_seconds": durations}

@@ -23,9 +23,9 @@ import numpy as np
 
 from bench.processes import score_calls_by_code
 from bench.report import IN_PROCESS, PYTHON_CLIENT, RAW_STUB, SectionResult, Target, percentile_ms, ratio
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve.control.v1 import control_pb2
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from tabserve_client import ScoringClient
+from tabserve_client import ControlClient, ScoringClient, aspired_version
 
 Call = Callable[[np.ndarray], Any]
 CALLERS = 16
@@ -231,11 +231,10 @@ def run_reload(
     reloads = 1 if quick else 4
     steady_seconds = 2.0 if quick else 10.0
     channel = grpc.insecure_channel(project_target)
-    control_channel = grpc.insecure_channel(f"127.0.0.1:{control_port}")
+    control = ControlClient(f"127.0.0.1:{control_port}", timeout=10)
     try:
         stub = scoring_pb2_grpc.ScoringStub(channel)
-        control = control_pb2_grpc.ModelControlStub(control_channel)
-        served = control.GetStatus(control_pb2.GetStatusRequest(), timeout=10).serving.version
+        served = control.status().serving.version
         before = score_calls_by_code(metrics_port)
         steady = _under_load(stub, singles, callers, lambda: time.sleep(steady_seconds))
         reload_seconds: list[float] = []
@@ -244,13 +243,10 @@ def run_reload(
             current = served
             for _ in range(reloads):
                 version = next(v for v in versions if v != current)
-                aspired = control_pb2.AspiredVersion(
-                    model_name=model_name, version=version, model_uri=f"models:/{model_name}/{version}"
-                )
                 started = time.monotonic()
-                control.SetAspiredVersion(control_pb2.SetAspiredVersionRequest(aspired=aspired), timeout=10)
+                control.set_aspired(aspired_version(f"models:/{model_name}/{version}"))
                 while True:
-                    status = control.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
+                    status = control.status()
                     if status.serving.version == version and status.load_state == control_pb2.LOAD_STATE_IDLE:
                         break
                     if status.load_state == control_pb2.LOAD_STATE_FAILED:
@@ -266,7 +262,7 @@ def run_reload(
         after = score_calls_by_code(metrics_port)
     finally:
         channel.close()
-        control_channel.close()
+        control.close()
     server_failed = sum(v - before.get(code, 0.0) for code, v in after.items() if code != "OK")
     steady_p99 = result.add(f"single row, {callers} callers, steady: p99", "project", RAW_STUB,
                             percentile_ms(steady.latencies, 99), "ms", samples=len(steady.latencies))

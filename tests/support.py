@@ -1,4 +1,5 @@
-"""Test support: settings of real servers and monitors on port 0, and waiting helpers.
+"""Test support: settings of real servers and monitors on port 0, a server child process with its control
+client, /metrics scraping, and waiting helpers.
 
 The child processes themselves (server, monitor, `mlflow server`) are in tools/processes.py.
 """
@@ -6,16 +7,22 @@ The child processes themselves (server, monitor, `mlflow server`) are in tools/p
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tabserve.control.v1 import control_pb2
+from tabserve_client import ControlClient, aspired_version
 from tabserve_server.settings import ServerSettings
 from tools.debian import ToolUnavailable, ensure_command
+from tools.processes import ServerProcess
 
 MODEL_NAME = "credit-default"
+SCORE_METHOD = "tabserve.scoring.v1.Scoring/Score"
 
 
 def wait_for(
@@ -73,3 +80,72 @@ def required_command(command: str, package: str) -> str:
         return ensure_command(command, package)
     except ToolUnavailable as exc:
         pytest.fail(str(exc))
+
+
+def sample_key(name: str, **labels: str) -> str:
+    """How `scrape` keys a sample: `name`, or `name{label="value",...}` with the labels sorted."""
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}" if inner else name
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of the /metrics endpoint on loopback `port`, keyed by `sample_key`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {sample_key(s.name, **s.labels): float(s.value)
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+class Server:
+    """The server as a child process (`python -m tabserve_server`) with a control client, the same calls the
+    monitor makes, and a /metrics reader. `workers` in the settings > 1 makes it a supervisor."""
+
+    def __init__(self, settings: ServerSettings, extra_env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.process = ServerProcess(settings, extra_env)
+        self.target = self.process.target
+        self.control_address = self.process.control_target
+        self.control = ControlClient(self.control_address, timeout=10)
+
+    def status(self) -> Any:
+        return self.control.status()
+
+    def serving(self) -> str:
+        return str(self.status().serving.version)
+
+    def loading(self, version: str) -> bool:
+        status = self.status()
+        return bool(status.load_state == control_pb2.LOAD_STATE_LOADING and status.aspired.version == version)
+
+    def state(self, version: str) -> Any:
+        """SetAspiredVersion of models:/MODEL_NAME/`version`, exactly as the monitor states it."""
+        return self.control.set_aspired(aspired_version(f"models:/{MODEL_NAME}/{version}"))
+
+    def settled_on(self, version: str) -> Any:
+        """The status once `version` is served (by every worker), accepted and nothing is pending; else None."""
+        status = self.status()
+        expected = self.settings.workers if self.settings.workers > 1 else 0  # a single process lists none
+        workers_ok = len(status.workers) == expected and all(
+            w.up and w.status.serving.version == version and w.status.accepting_requests for w in status.workers
+        )
+        ok = (status.serving.version == version and status.load_state == control_pb2.LOAD_STATE_IDLE
+              and status.accepting_requests and workers_ok)
+        return status if ok else None
+
+    def settle_on(self, version: str, timeout: float = 60.0) -> Any:
+        self.state(version)
+        return wait_for(lambda: self.settled_on(version), timeout=timeout, interval=0.1,
+                        what=f"server settled on version {version}")
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.process.metrics_port)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.metrics().get(sample_key(name, **labels))
+
+    def close(self, grace: float = 30.0) -> int:
+        self.control.close()
+        try:
+            return self.process.terminate(grace)
+        finally:
+            self.process.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,16 +31,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
-from prometheus_client.parser import text_string_to_metric_families
 
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve.control.v1 import control_pb2
 from tabserve.inference.v2 import open_inference_grpc_pb2 as v2_pb
 from tabserve.inference.v2 import open_inference_grpc_pb2_grpc as v2_grpc
 from tabserve_client import ScoringClient, ScoringError
 from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
 from tabserve_server.settings import ServerSettings
-from tests.support import MODEL_NAME, monitor_settings, server_settings, wait_for
-from tools.processes import MlflowServer, MonitorProcess, ServerProcess, free_port
+from tests.support import MODEL_NAME, Server, monitor_settings, sample_key, scrape, server_settings, wait_for
+from tools.processes import MlflowServer, MonitorProcess, free_port
 
 POLL = 0.5  # the monitors' poll interval
 SLOW_LOAD = 4.0  # seconds the slow version's load sleeps in the shared server
@@ -53,65 +51,7 @@ RECONNECT = 2.4
 SLOW_MODEL_FILE = Path(__file__).parent / "models" / "slow_load_model.py"
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """Samples of a /metrics endpoint, keyed `name` or `name{label="value",...}` (labels sorted)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
-    return samples
-
-
 # --- processes ---------------------------------------------------------------------------------
-
-
-class Server:
-    """The server as a child process, with a control stub (the same calls the monitor makes)."""
-
-    def __init__(self, settings: ServerSettings, slow_load: float) -> None:
-        self.process = ServerProcess(settings, {"SLOW_LOAD_SECONDS": str(slow_load)})
-        self.target = self.process.target
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{self.process.control_port}")
-        self.control = control_pb2_grpc.ModelControlStub(self._channel)
-
-    @property
-    def control_address(self) -> str:
-        return f"127.0.0.1:{self.process.control_port}"
-
-    def status(self) -> Any:
-        return self.control.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
-
-    def serving(self) -> str:
-        return str(self.status().serving.version)
-
-    def loading(self, version: str) -> bool:
-        status = self.status()
-        return bool(status.load_state == control_pb2.LOAD_STATE_LOADING and status.aspired.version == version)
-
-    def state(self, version: str) -> None:
-        """SetAspiredVersion, exactly as the monitor states it."""
-        aspired = control_pb2.AspiredVersion(
-            model_name=MODEL_NAME, version=version, model_uri=f"models:/{MODEL_NAME}/{version}"
-        )
-        self.control.SetAspiredVersion(control_pb2.SetAspiredVersionRequest(aspired=aspired), timeout=10)
-
-    def settle_on(self, version: str, timeout: float = 60.0) -> None:
-        self.state(version)
-        wait_for(lambda: self.serving() == version and self.status().load_state == control_pb2.LOAD_STATE_IDLE,
-                 timeout=timeout, interval=0.1, what=f"server settled on version {version}")
-
-    def metric(self, name: str) -> float | None:
-        return _scrape(self.process.metrics_port).get(name)
-
-    def close(self) -> int:
-        self._channel.close()
-        try:
-            return self.process.terminate(30)
-        finally:
-            self.process.close()
 
 
 class Monitor(MonitorProcess):
@@ -123,10 +63,10 @@ class Monitor(MonitorProcess):
                                           poll_interval_seconds=POLL, rpc_timeout_seconds=2.0))
 
     def metrics(self) -> dict[str, float]:
-        return _scrape(self.metrics_port)
+        return scrape(self.metrics_port)
 
-    def metric(self, name: str) -> float | None:
-        return self.metrics().get(name)
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.metrics().get(sample_key(name, **labels))
 
     def converged_on(self, version: str) -> bool:
         """served_version == target_version == `version`, lag 0, registry and server up (its /metrics)."""
@@ -287,6 +227,11 @@ def registry(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         tracking.stop()
 
 
+def _slow_load(seconds: float) -> dict[str, str]:
+    """The server environment that makes the slow version's load sleep `seconds`."""
+    return {"SLOW_LOAD_SECONDS": str(seconds)}
+
+
 def _settings(tracking_uri: str, cache_dir: Path, **overrides: Any) -> ServerSettings:
     values: dict[str, Any] = {"allow_pyfunc": True, "predict_threads": 1, "registry_timeout_seconds": 5.0}
     values.update(overrides)
@@ -296,7 +241,7 @@ def _settings(tracking_uri: str, cache_dir: Path, **overrides: Any) -> ServerSet
 @pytest.fixture(scope="module")
 def slow_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server whose load of version 2 takes SLOW_LOAD seconds; starts on the alias (version 1)."""
-    server = Server(_settings(registry.uri, tmp_path_factory.mktemp("slow-server-cache")), slow_load=SLOW_LOAD)
+    server = Server(_settings(registry.uri, tmp_path_factory.mktemp("slow-server-cache")), _slow_load(SLOW_LOAD))
     try:
         wait_for(lambda: server.serving() == FAST, timeout=60, interval=0.1, what="version 1 served")
         yield server
@@ -430,14 +375,14 @@ def test_restarted_server_pinned_to_an_old_version_converges(registry: Registry,
         return _settings(registry.uri, tmp_path / "cache", model_uri=model_uri, address=public,
                          control_address=control)
 
-    first = Server(settings(f"models:/{MODEL_NAME}@production"), slow_load=restart_load)
+    first = Server(settings(f"models:/{MODEL_NAME}@production"), _slow_load(restart_load))
     try:
         with Monitor(registry.uri, public, control) as monitor:
             wait_for(lambda: monitor.converged_on(SLOW), timeout=60, interval=0.2, what="monitor on version 2")
             assert first.close() == 0
             wait_for(lambda: monitor.metric("tabserve_monitor_control_up") == 0.0, timeout=15, interval=0.2,
                      what="monitor notices the server is gone")
-            second = Server(settings(f"models:/{MODEL_NAME}/1"), slow_load=restart_load)
+            second = Server(settings(f"models:/{MODEL_NAME}/1"), _slow_load(restart_load))
             try:
                 seen: list[tuple[float, str]] = []
 
@@ -478,7 +423,7 @@ def test_registry_outage_and_alias_moved_while_down(registry: Registry, tmp_path
     if tracking.proc is None:
         tracking.start()
     tracking.wait_healthy()
-    server = Server(_settings(tracking.url, tmp_path / "cache"), slow_load=0.0)
+    server = Server(_settings(tracking.url, tmp_path / "cache"), _slow_load(0.0))
     try:
         with Monitor(tracking.url, server.target, server.control_address) as monitor:
             wait_for(lambda: monitor.converged_on(FAST), timeout=60, interval=0.2, what="monitor on version 1")
@@ -489,8 +434,8 @@ def test_registry_outage_and_alias_moved_while_down(registry: Registry, tmp_path
                          what="registry_up 0")
                 # Moved on the backend store itself while the tracking server is down: nobody can see it yet.
                 registry.promote(SLOW)
-                errors = monitor.metric('tabserve_monitor_polls_total{result="registry_error"}') or 0.0
-                wait_for(lambda: (monitor.metric('tabserve_monitor_polls_total{result="registry_error"}') or 0)
+                errors = monitor.metric("tabserve_monitor_polls_total", result="registry_error") or 0.0
+                wait_for(lambda: (monitor.metric("tabserve_monitor_polls_total", result="registry_error") or 0)
                          >= errors + 2, timeout=30, interval=0.2, what="more failed polls")
                 m = monitor.metrics()
                 assert m["tabserve_monitor_registry_up"] == 0.0

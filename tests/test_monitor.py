@@ -11,21 +11,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve.control.v1 import control_pb2
 from tabserve_client import ScoringClient
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import Problem, RegistryWatcher
 from tabserve_monitor.settings import MonitorSettings
 from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
-from tests.support import MODEL_NAME, server_settings, wait_for
-from tools.processes import MonitorProcess, ServerProcess, free_port
+from tests.support import MODEL_NAME, SCORE_METHOD, Server, server_settings, wait_for
+from tools.processes import MonitorProcess, free_port
 
 POLL = 0.5
 ROWS = make_applicants(4, seed=4242)[0]
@@ -35,33 +33,6 @@ ROWS = make_applicants(4, seed=4242)[0]
 def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A registry of this module's own: the tests move its alias."""
     return bootstrap_embedded_registry(tmp_path_factory.mktemp("monitor-registry"), model_name=MODEL_NAME)
-
-
-class Server:
-    """A server child process with a control stub and a /metrics reader."""
-
-    def __init__(self, registry_uri: str, cache_dir: Path, **overrides: Any) -> None:
-        self.process = ServerProcess(server_settings(registry_uri, cache_dir, **overrides))
-        channel = grpc.insecure_channel(f"127.0.0.1:{self.process.control_port}")
-        self.control = control_pb2_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
-        self._channel = channel
-
-    def status(self) -> Any:
-        return self.control.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
-
-    def metric(self, name: str) -> float | None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.process.metrics_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name:
-                    return float(sample.value)
-        return None
-
-    def close(self) -> None:
-        self._channel.close()
-        self.process.terminate(15)
-        self.process.close()
 
 
 @contextmanager
@@ -96,18 +67,16 @@ def served(target: str) -> str:
 @pytest.fixture(scope="module")
 def stack(registry_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Monitor]]:
     """One server (starting on the production alias) and its monitor, shared by the ordered tests below."""
-    server = Server(registry_uri, tmp_path_factory.mktemp("monitor-cache"))
+    server = Server(server_settings(registry_uri, tmp_path_factory.mktemp("monitor-cache")))
     try:
-        with running_monitor(
-            registry_uri, server.process.target, f"127.0.0.1:{server.process.control_port}"
-        ) as monitor:
+        with running_monitor(registry_uri, server.target, server.control_address) as monitor:
             wait_for(lambda: sample(monitor, "tabserve_monitor_served_version") == 1
                      and sample(monitor, "tabserve_monitor_server_up") == 1, what="monitor sees version 1")
             # The canary scores as a client would, and shows up in the server's own request count.
             wait_for(lambda: sample(monitor, "tabserve_monitor_canary_up") == 1, what="canary succeeds")
             assert sample(monitor, "tabserve_monitor_canary_requests_total", result="success") >= 1
             assert sample(monitor, "tabserve_monitor_canary_duration_seconds_count") >= 1
-            assert (server.metric("tabserve_server_requests_total") or 0) >= 1
+            assert (server.metric("tabserve_server_requests_total", code="OK", method=SCORE_METHOD) or 0) >= 1
             yield server, monitor
     finally:
         server.close()
@@ -223,8 +192,8 @@ def test_monitor_started_before_server_converges(registry_uri: str, tmp_path: Pa
         assert sample(monitor, "tabserve_monitor_canary_requests_total", result="failure") >= 1
         assert sample(monitor, "tabserve_monitor_target_version") == 2
         # The server starts on version 1; the monitor must move it to the alias's version 2.
-        server = Server(registry_uri, tmp_path / "cache", model_uri=f"models:/{MODEL_NAME}/1", address=public,
-                        control_address=control)
+        server = Server(server_settings(registry_uri, tmp_path / "cache", model_uri=f"models:/{MODEL_NAME}/1",
+                                        address=public, control_address=control))
         try:
             started = time.monotonic()
             wait_for(lambda: sample(monitor, "tabserve_monitor_served_version") == 2, timeout=30,

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from tabserve_client import ScoringClient, ScoringError
+from tabserve_client import ControlClient, ControlError, ScoringClient, ScoringError
 from tabserve_server.app import ServingApp
 from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
@@ -189,15 +188,13 @@ def test_control_requires_the_token_when_set(tracking_uri: str, tmp_path: Path) 
     app = ServingApp(server_settings(tracking_uri, tmp_path, control_token="s3cret"), registry=CollectorRegistry())
     app.start()
     try:
-        stub = control_pb2_grpc.ModelControlStub(grpc.insecure_channel(f"127.0.0.1:{app.control_port}"))
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.GetStatus(control_pb2.GetStatusRequest())
-        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.GetStatus(control_pb2.GetStatusRequest(), metadata=[("authorization", "Bearer wrong")])
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        status = stub.GetStatus(control_pb2.GetStatusRequest(), metadata=[("authorization", "Bearer s3cret")])
-        assert status.aspired.model_uri == "models:/credit-default@production"
+        address = f"127.0.0.1:{app.control_port}"
+        for token, code in (("", grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.PERMISSION_DENIED)):
+            with ControlClient(address, token=token) as control, pytest.raises(ControlError) as caught:
+                control.status()
+            assert caught.value.code == code
+        with ControlClient(address, token="s3cret") as control:
+            assert control.status().aspired.model_uri == "models:/credit-default@production"
     finally:
         app.stop(0)
 

@@ -6,27 +6,23 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
-from tabserve_client import ScoringClient
+from tabserve.control.v1 import control_pb2
+from tabserve_client import ControlClient, ScoringClient, aspired_version
 from tabserve_server.app import ServingApp
 from tabserve_server.core.model import AspiredVersion
 from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
-from tests.support import MODEL_NAME, server_settings, wait_for
-from tools.processes import MonitorProcess, ServerProcess
+from tests.support import MODEL_NAME, SCORE_METHOD, Server, sample_key, scrape, server_settings, wait_for
+from tools.processes import MonitorProcess
 
 ROWS = make_applicants(3, seed=99)[0]
-SCORE = "tabserve.scoring.v1.Scoring/Score"
 
 
 @pytest.fixture(scope="module")
@@ -34,45 +30,8 @@ def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return bootstrap_embedded_registry(tmp_path_factory.mktemp("workers-registry"), model_name=MODEL_NAME)
 
 
-class Server:
-    def __init__(self, registry_uri: str, cache_dir: Path) -> None:
-        self.process = ServerProcess(server_settings(registry_uri, cache_dir, workers=2))
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{self.process.control_port}")
-        self.control = control_pb2_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
-
-    def status(self) -> Any:
-        return self.control.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
-
-    def state(self, version: str) -> Any:
-        aspired = control_pb2.AspiredVersion(model_name=MODEL_NAME, version=version,
-                                             model_uri=f"models:/{MODEL_NAME}/{version}")
-        return self.control.SetAspiredVersion(control_pb2.SetAspiredVersionRequest(aspired=aspired), timeout=10)
-
-    def settled_on(self, version: str) -> Any:
-        """The status once every worker serves `version`, accepts requests and has nothing pending; else None."""
-        status = self.status()
-        workers_ok = len(status.workers) == 2 and all(
-            w.up and w.status.serving.version == version and w.status.accepting_requests for w in status.workers
-        )
-        ok = (status.serving.version == version and status.load_state == control_pb2.LOAD_STATE_IDLE
-              and status.accepting_requests and workers_ok)
-        return status if ok else None
-
-    def close(self) -> None:
-        self._channel.close()
-        self.process.terminate(30)
-        self.process.close()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def score_calls(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
-    return metrics.get(("tabserve_server_requests_total", (("code", "OK"), ("method", SCORE))), 0.0)
+def score_calls(metrics: dict[str, float]) -> float:
+    return metrics.get(sample_key("tabserve_server_requests_total", code="OK", method=SCORE_METHOD), 0.0)
 
 
 def versions_over_fresh_channels(target: str, channels: int, calls: int = 2) -> list[str]:
@@ -88,34 +47,32 @@ def test_supervised_worker_holds_a_staged_version_until_commit(registry_uri: str
     """In-process: the two-phase reload of one worker, and LOAD_STATE_STAGED on its control port."""
     app = ServingApp(server_settings(registry_uri, tmp_path / "cache"), registry=CollectorRegistry(), supervised=True)
     app.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{app.control_port}")
+    control = ControlClient(f"127.0.0.1:{app.control_port}", timeout=10)
     try:
-        control = control_pb2_grpc.ModelControlStub(channel)  # type: ignore[no-untyped-call]
         assert app.manager.status().aspired is None  # a supervised worker loads nothing on its own
         one = AspiredVersion(MODEL_NAME, "1", f"models:/{MODEL_NAME}/1")
         app.manager.set_aspired(one, stage_only=True)
 
         def staged() -> Any:
-            status = control.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
+            status = control.status()
             return status if status.load_state == control_pb2.LOAD_STATE_STAGED else None
 
         status = wait_for(staged, timeout=60, what="version 1 staged")
         assert status.staged.version == "1" and not status.serving.model_name and not status.accepting_requests
         assert app.manager.current() is None
         assert not app.manager.commit_staged(AspiredVersion(MODEL_NAME, "9", f"models:/{MODEL_NAME}/9"))
-        commit = control.CommitStaged(control_pb2.CommitStagedRequest(aspired=control_pb2.AspiredVersion(
-            model_name=MODEL_NAME, version="1", model_uri=f"models:/{MODEL_NAME}/1")), timeout=10)
+        commit = control.commit_staged(aspired_version(f"models:/{MODEL_NAME}/1"))
         assert commit.serving and commit.status.serving.version == "1" and commit.status.accepting_requests
         assert not commit.status.staged.model_name
         assert app.manager.commit_staged(one)  # idempotent
     finally:
-        channel.close()
+        control.close()
         app.stop(0)
 
 
 @pytest.fixture(scope="module")
 def server(registry_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(registry_uri, tmp_path_factory.mktemp("workers-cache"))
+    server = Server(server_settings(registry_uri, tmp_path_factory.mktemp("workers-cache"), workers=2))
     try:
         wait_for(lambda: server.settled_on("1"), timeout=120, interval=0.2, what="both workers serve version 1")
         yield server
@@ -124,7 +81,7 @@ def server(registry_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def test_every_worker_answers_with_one_version(server: Server) -> None:
-    assert set(versions_over_fresh_channels(server.process.target, channels=30)) == {"1"}
+    assert set(versions_over_fresh_channels(server.target, channels=30)) == {"1"}
     status = server.status()
     pids = {w.pid for w in status.workers}
     assert len(pids) == 2 and os.getpid() not in pids
@@ -134,20 +91,20 @@ def test_every_worker_answers_with_one_version(server: Server) -> None:
 
 
 def test_metrics_sum_across_workers(server: Server) -> None:
-    versions_over_fresh_channels(server.process.target, channels=10)
+    versions_over_fresh_channels(server.target, channels=10)
     status = server.status()
     per_worker = [scrape(w.metrics_port) for w in status.workers]
     total = scrape(server.process.metrics_port)
     assert score_calls(total) == sum(score_calls(m) for m in per_worker) > 0
-    rows = ("tabserve_server_rows_scored_total", ())
+    rows = "tabserve_server_rows_scored_total"
     assert total[rows] == sum(m[rows] for m in per_worker)
-    count = ("tabserve_server_prediction_score_count", ())
+    count = "tabserve_server_prediction_score_count"
     assert total[count] == sum(m[count] for m in per_worker) == total[rows]
-    assert total[("tabserve_server_workers", ())] == 2
-    assert total[("tabserve_server_serving", ())] == 1
-    assert total[("tabserve_server_model_load_failing", ())] == 0
-    info = [k for k in total if k[0] == "tabserve_server_model_info"]
-    assert len(info) == 1 and ("model_version", "1") in info[0][1]
+    assert total["tabserve_server_workers"] == 2
+    assert total["tabserve_server_serving"] == 1
+    assert total["tabserve_server_model_load_failing"] == 0
+    info = [k for k in total if k.startswith("tabserve_server_model_info{")]
+    assert len(info) == 1 and 'model_version="1"' in info[0]
 
 
 def test_reload_reaches_all_workers_without_failed_calls(server: Server, registry_uri: str) -> None:
@@ -160,7 +117,7 @@ def test_reload_reaches_all_workers_without_failed_calls(server: Server, registr
     def score_continuously() -> None:
         while not done.is_set():
             try:  # a fresh channel every few calls, so calls keep landing on both workers
-                with ScoringClient(server.process.target, timeout=10) as client:
+                with ScoringClient(server.target, timeout=10) as client:
                     seen.extend(client.score(ROWS).model_version for _ in range(5))
             except Exception as exc:
                 failures.append(exc)
@@ -181,7 +138,7 @@ def test_reload_reaches_all_workers_without_failed_calls(server: Server, registr
             thread.join(20)
     assert not failures, failures[:3]
     assert set(seen) == {"1", "2"}
-    assert set(versions_over_fresh_channels(server.process.target, channels=10)) == {"2"}
+    assert set(versions_over_fresh_channels(server.target, channels=10)) == {"2"}
 
 
 @pytest.mark.parametrize(("broken", "explains"), [("missing_artifacts", "missing"), ("wrong_features", "feature")])
@@ -205,7 +162,7 @@ def test_broken_version_is_refused_everywhere(
     for worker in status.workers:
         assert worker.status.serving.version == good
         assert not worker.status.staged.model_name or worker.status.staged.version != version
-    assert set(versions_over_fresh_channels(server.process.target, channels=6)) == {good}
+    assert set(versions_over_fresh_channels(server.target, channels=6)) == {good}
     server.state(good)  # back to the good version: the failure is history
     wait_for(lambda: server.settled_on(good), timeout=30, interval=0.2, what="settled back on the good version")
     assert server.status().last_error == ""
@@ -224,10 +181,10 @@ def test_killed_worker_is_restarted_and_serves_the_same_version(server: Server) 
 
     status = wait_for(replaced, timeout=120, interval=0.2, what="worker 1 restarted and serving")
     assert status.workers[1].restarts == 1
-    assert set(versions_over_fresh_channels(server.process.target, channels=10)) == {version}
+    assert set(versions_over_fresh_channels(server.target, channels=10)) == {version}
     total = scrape(server.process.metrics_port)
-    assert total[("tabserve_server_worker_restarts_total", ())] == 1
-    assert total[("tabserve_server_workers", ())] == 2
+    assert total["tabserve_server_worker_restarts_total"] == 1
+    assert total["tabserve_server_workers"] == 2
     # Counters stay monotonic: the dead worker's last scraped counts are carried over.
     assert score_calls(total) >= calls_before
 
@@ -240,7 +197,7 @@ def test_monitor_sees_one_server_and_moves_every_worker(server: Server, registry
     MlflowClient(registry_uri, registry_uri).set_registered_model_alias(MODEL_NAME, "production", target)
     monitor = MonitorProcess(
         {"tracking_uri": registry_uri, "model_name": MODEL_NAME, "poll_interval_seconds": 0.5,
-         "control_address": server.process.control_target, "public_address": server.process.target,
+         "control_address": server.control_address, "public_address": server.target,
          "metrics_address": "127.0.0.1:0", "rpc_timeout_seconds": 5.0},
         log_file=tmp_path / "monitor.log",
     )
@@ -249,17 +206,17 @@ def test_monitor_sees_one_server_and_moves_every_worker(server: Server, registry
 
         def converged() -> Any:
             found = scrape(monitor.metrics_port)
-            ok = (found.get(("tabserve_monitor_served_version", ())) == float(target)
-                  and found.get(("tabserve_monitor_served_version_lag_seconds", ())) == 0
-                  and found.get(("tabserve_monitor_canary_up", ())) == 1)
+            ok = (found.get("tabserve_monitor_served_version") == float(target)
+                  and found.get("tabserve_monitor_served_version_lag_seconds") == 0
+                  and found.get("tabserve_monitor_canary_up") == 1)
             return found if ok else None
 
         found = wait_for(converged, timeout=30, interval=0.2, what="monitor sees the switch")
-        assert found[("tabserve_monitor_target_version", ())] == float(target)
-        assert found[("tabserve_monitor_server_up", ())] == 1
-        assert found[("tabserve_monitor_control_up", ())] == 1
-        assert found[("tabserve_monitor_reloads_total", (("result", "success"),))] >= 1
-        assert set(versions_over_fresh_channels(server.process.target, channels=10)) == {target}
+        assert found["tabserve_monitor_target_version"] == float(target)
+        assert found["tabserve_monitor_server_up"] == 1
+        assert found["tabserve_monitor_control_up"] == 1
+        assert found[sample_key("tabserve_monitor_reloads_total", result="success")] >= 1
+        assert set(versions_over_fresh_channels(server.target, channels=10)) == {target}
         assert monitor.stop(30) == 0
     finally:
         monitor.close()

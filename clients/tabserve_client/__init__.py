@@ -1,5 +1,15 @@
-"""Python client of the tabserve scoring service (depends on grpcio, protobuf and numpy only)."""
+"""Python clients of tabserve: scoring (public port) and control (the monitor's API); grpcio, protobuf, numpy only."""
 
 from tabserve_client.client import Feature, ModelInfo, ScoreBatch, ScoringClient, ScoringError
+from tabserve_client.control import ControlClient, ControlError, aspired_version
 
-__all__ = ["Feature", "ModelInfo", "ScoreBatch", "ScoringClient", "ScoringError"]
+__all__ = [
+    "ControlClient",
+    "ControlError",
+    "Feature",
+    "ModelInfo",
+    "ScoreBatch",
+    "ScoringClient",
+    "ScoringError",
+    "aspired_version",
+]

@@ -24,21 +24,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve.control.v1 import control_pb2
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tabserve_client.control import RECONNECT_OPTIONS, ControlClient, ControlError, aspired_version
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import Problem, RegistryError, RegistryWatcher, Resolution, Target
 from tabserve_monitor.settings import MonitorSettings
 
 log = logging.getLogger(__name__)
-
-# Reconnect quickly to a (re)starting server: gRPC's default reconnect back-off grows to 120 s.
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
-
 
 def _version_number(version: str) -> float:
     return float(version) if version.isdigit() else 0.0
@@ -64,14 +57,14 @@ class Monitor:
             settings.tracking_uri, settings.model_name, alias=settings.alias, stage=settings.stage,
             timeout_seconds=settings.rpc_timeout_seconds, audit_interval_seconds=settings.audit_interval_seconds,
         )
-        self._control_channel = grpc.insecure_channel(settings.control_address, options=_CHANNEL_OPTIONS)
-        self._public_channel = grpc.insecure_channel(settings.public_address, options=_CHANNEL_OPTIONS)
-        self._control = control_pb2_grpc.ModelControlStub(self._control_channel)
+        self._control = ControlClient(settings.control_address, token=settings.control_token,
+                                      timeout=settings.rpc_timeout_seconds)
+        # Reconnect quickly to a (re)starting server, as the control client does.
+        self._public_channel = grpc.insecure_channel(settings.public_address, options=list(RECONNECT_OPTIONS))
         self._health = health_pb2_grpc.HealthStub(self._public_channel)
         self._scoring = scoring_pb2_grpc.ScoringStub(self._public_channel)
         self._canary_request: Any = None  # sized for the version in `_canary_version`
         self._canary_version = ""
-        self._metadata = (("authorization", f"Bearer {settings.control_token}"),) if settings.control_token else ()
         self._target: Target | None = None
         self._served: str | None = None  # None: not observed yet
         self._mismatch_since: float | None = None
@@ -80,7 +73,7 @@ class Monitor:
         self._last_ambiguity = ""
 
     def close(self) -> None:
-        self._control_channel.close()
+        self._control.close()
         self._public_channel.close()
 
     # --- the loop ----------------------------------------------------------------------------
@@ -164,21 +157,13 @@ class Monitor:
         return resolution
 
     def _state_and_verify(self, target: Target | None) -> Any:
-        timeout = self.settings.rpc_timeout_seconds
         try:
             if target is not None:
-                aspired = control_pb2.AspiredVersion(model_name=target.name, version=target.version,
-                                                     model_uri=target.uri)
-                self._control.SetAspiredVersion(
-                    control_pb2.SetAspiredVersionRequest(aspired=aspired), timeout=timeout, metadata=self._metadata
-                )
-            status = self._control.GetStatus(control_pb2.GetStatusRequest(), timeout=timeout,
-                                             metadata=self._metadata)
-        except grpc.RpcError as exc:
+                self._control.set_aspired(aspired_version(target.uri, target.name, target.version))
+            status = self._control.status()
+        except ControlError as exc:
             self.metrics.control_up.set(0)
-            code = exc.code() if hasattr(exc, "code") else None
-            log.warning("control call to %s failed: %s %s", self.settings.control_address, code,
-                        exc.details() if hasattr(exc, "details") else exc)
+            log.warning("control call to %s failed: %s %s", self.settings.control_address, exc.code, exc.details)
             self._observe_served(None, target)
             return None
         self.metrics.control_up.set(1)

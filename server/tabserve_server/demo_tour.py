@@ -30,8 +30,8 @@ from typing import IO, Any, Final, TypeVar
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tabserve.control.v1 import control_pb2, control_pb2_grpc
-from tabserve_client import ScoringClient, ScoringError
+from tabserve.control.v1 import control_pb2
+from tabserve_client import ControlClient, ControlError, ScoringClient, ScoringError
 
 MODEL_NAME: Final = "credit-default"
 ALIAS: Final = "production"
@@ -211,7 +211,7 @@ class Tour:
         public = f"127.0.0.1:{server.ports['public_port']}"
         control_channel = grpc.insecure_channel(f"127.0.0.1:{server.ports['control_port']}")
         self.channels.append(control_channel)
-        control = control_pb2_grpc.ModelControlStub(control_channel)  # type: ignore[no-untyped-call]
+        control = ControlClient(channel=control_channel, timeout=5)
         mport = monitor.ports["metrics_port"]
 
         def monitor_metric(name: str, **labels: str) -> float:
@@ -427,8 +427,8 @@ def _health(client: ScoringClient) -> str | None:
 def _status(control: Any) -> Any:
     """The server's GetStatus, or None when the call fails (polled again)."""
     try:
-        return control.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
-    except grpc.RpcError:
+        return control.status()
+    except ControlError:
         return None
 
 

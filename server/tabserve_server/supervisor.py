@@ -40,6 +40,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve_client.control import ControlClient, ControlError
 from tabserve_server.app import ServingApp, check_control_address, split_address
 from tabserve_server.core.loading import model_name_from_uri
 from tabserve_server.core.model import AspiredVersion
@@ -103,8 +104,7 @@ class _Worker:
     pid: int = 0
     control_port: int = 0
     metrics_port: int = 0
-    channel: grpc.Channel | None = None
-    stub: Any = None
+    control: ControlClient | None = None
     restarts: int = 0
     quick_deaths: int = 0
     started_at: float = 0.0
@@ -112,7 +112,7 @@ class _Worker:
 
     @property
     def up(self) -> bool:
-        return self.stub is not None and self.process is not None and self.process.is_alive()
+        return self.control is not None and self.process is not None and self.process.is_alive()
 
 
 def _served(status: Any) -> tuple[str, str] | None:
@@ -134,7 +134,6 @@ class Supervisor:
             model_uri=settings.model_uri,
         )
         self._agreed: Any = None  # ServedVersion that every worker served at the last look
-        self._metadata = (("authorization", f"Bearer {settings.control_token}"),) if settings.control_token else ()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -259,17 +258,17 @@ class Supervisor:
             return False
         self.public_port = self.public_port or int(message["public_port"])
         worker.control_port, worker.metrics_port = int(message["control_port"]), int(message["metrics_port"])
-        worker.channel = grpc.insecure_channel(f"127.0.0.1:{worker.control_port}")
-        worker.stub = control_pb2_grpc.ModelControlStub(worker.channel)  # type: ignore[no-untyped-call]
+        worker.control = ControlClient(f"127.0.0.1:{worker.control_port}", token=self.settings.control_token,
+                                       timeout=RPC_TIMEOUT_SECONDS)
         self._wake.set()
         return True
 
     def _forget(self, worker: _Worker) -> None:
-        if worker.channel is not None:
-            worker.channel.close()
+        if worker.control is not None:
+            worker.control.close()
         if worker.conn is not None:
             worker.conn.close()
-        worker.process = worker.conn = worker.channel = worker.stub = None
+        worker.process = worker.conn = worker.control = None
 
     def _check_processes(self) -> None:
         now = time.monotonic()
@@ -288,7 +287,7 @@ class Supervisor:
                 worker.restarts += 1
                 worker.next_start_at = now + wait
                 continue
-            if worker.stub is None and worker.conn is not None and worker.conn.poll():
+            if worker.control is None and worker.conn is not None and worker.conn.poll():
                 self._receive_ports(worker)
 
     # --- versions ---------------------------------------------------------------------------
@@ -307,18 +306,17 @@ class Supervisor:
         return bool(agreed is not None and aspired.version and agreed.version == aspired.version
                     and agreed.model_name == aspired.model_name)
 
-    def _fan_out(self, call: Callable[[Any], Any], workers: list[_Worker]) -> list[Any]:
-        """`call(stub)` on every worker in parallel; None where the worker did not answer."""
+    def _fan_out(self, call: Callable[[ControlClient], Any], workers: list[_Worker]) -> list[Any]:
+        """`call(control)` on every worker in parallel; None where the worker did not answer."""
 
         def one(worker: _Worker) -> Any:
-            stub = worker.stub
-            if stub is None:
+            control = worker.control
+            if control is None:
                 return None
             try:
-                return call(stub)
-            except grpc.RpcError as exc:
-                log.warning("worker %d control call failed: %s", worker.index, exc.code() if hasattr(exc, "code")
-                            else exc)
+                return call(control)
+            except ControlError as exc:
+                log.warning("worker %d control call failed: %s", worker.index, exc.code)
                 return None
 
         return list(self._pool.map(one, workers))
@@ -335,12 +333,9 @@ class Supervisor:
 
     def _reconcile(self) -> None:
         aspired = self.aspired()
-        request = control_pb2.SetAspiredVersionRequest(aspired=aspired_message(aspired), stage_only=True)
+        message = aspired_message(aspired)
         workers = list(self._workers)
-        answers = self._fan_out(
-            lambda stub: stub.SetAspiredVersion(request, timeout=RPC_TIMEOUT_SECONDS, metadata=self._metadata),
-            workers,
-        )
+        answers = self._fan_out(lambda control: control.set_aspired(message, stage_only=True), workers)
         if any(a is None for a in answers) or self._stopping.is_set():
             return  # a worker is (re)starting: a new version is swapped only when every worker can swap
         self._note_agreement([a.status for a in answers])
@@ -354,10 +349,7 @@ class Supervisor:
                         sorted(set(ready)), aspired.model_uri)
             return
         staged = [w for w, a in zip(workers, answers, strict=True) if not a.already_serving]
-        commit = control_pb2.CommitStagedRequest(aspired=aspired_message(aspired))
-        results = self._fan_out(
-            lambda stub: stub.CommitStaged(commit, timeout=RPC_TIMEOUT_SECONDS, metadata=self._metadata), staged
-        )
+        results = self._fan_out(lambda control: control.commit_staged(message), staged)
         log.info("committed %s version %s on workers %s: %s", aspired.model_name, ready[0],
                  [w.index for w in staged], ["ok" if r is not None and r.serving else "not swapped" for r in results])
 
@@ -365,11 +357,7 @@ class Supervisor:
 
     def status(self) -> Any:
         workers = list(self._workers)
-        statuses = self._fan_out(
-            lambda stub: stub.GetStatus(control_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT_SECONDS,
-                                        metadata=self._metadata),
-            workers,
-        )
+        statuses = self._fan_out(lambda control: control.status(), workers)
         response = control_pb2.GetStatusResponse(aspired=aspired_message(self.aspired()))
         complete = all(s is not None for s in statuses)
         served = {_served(s) for s in statuses if s is not None}
