@@ -6,7 +6,6 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -14,6 +13,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tabserve_client.channel import ChannelClient
 
 SCORING_SERVICE = "tabserve.scoring.v1.Scoring"
 
@@ -92,7 +92,7 @@ class ModelInfo:
 Rows = Mapping[str, float] | Sequence[Mapping[str, float]] | np.ndarray | Any  # Any: a pandas DataFrame
 
 
-class ScoringClient:
+class ScoringClient(ChannelClient):
     """Client of one scoring endpoint.
 
     Use as a context manager (or call ``close()``)::
@@ -117,8 +117,7 @@ class ScoringClient:
         channel: grpc.Channel | None = None,
     ) -> None:
         self.timeout = timeout
-        self._own_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(
+        super().__init__(channel or grpc.insecure_channel(
             target,
             options=[
                 ("grpc.enable_retries", 1),
@@ -126,23 +125,11 @@ class ScoringClient:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
-        )
+        ), own=channel is None)
         self._stub = scoring_pb2_grpc.ScoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._feature_names: tuple[str, ...] | None = None
         self._feature_version = ""
-
-    def __enter__(self) -> ScoringClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._own_channel:
-            self._channel.close()
 
     # --- calls ------------------------------------------------------------------------------
 

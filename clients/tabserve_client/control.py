@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import grpc
 
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
+from tabserve_client.channel import ChannelClient
 
 # models:/NAME/VERSION, models:/NAME/STAGE or models:/NAME@ALIAS (the server's grammar, core/loading.py).
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))$")
@@ -61,7 +61,7 @@ class ControlError(Exception):
         self.details = details
 
 
-class ControlClient:
+class ControlClient(ChannelClient):
     """Client of one control port (a single server or the supervisor of a multi-worker server).
 
     The contract of the API it calls: a statement (`set_aspired`) is idempotent and the latest one wins; the
@@ -89,21 +89,9 @@ class ControlClient:
         self.address = address
         self.timeout = timeout
         self._metadata: Sequence[tuple[str, str]] = (("authorization", f"Bearer {token}"),) if token else ()
-        self._own_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(address, options=list(RECONNECT_OPTIONS))
+        super().__init__(channel or grpc.insecure_channel(address, options=list(RECONNECT_OPTIONS)),
+                         own=channel is None)
         self._stub = control_pb2_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._own_channel:
-            self._channel.close()
 
     def status(self, *, timeout: float | None = None) -> control_pb2.GetStatusResponse:
         """What the server serves, what it aspires to, how the last load went (GetStatus).
