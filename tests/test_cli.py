@@ -89,9 +89,14 @@ def test_scores_the_example_file(
     assert code == 0, err
     assert out == ""
     assert f"scored {len(rows)} rows with credit-default version 1" in err
+    info = client.model_info()
+    assert (
+        f"credit-default version 1: decision=true ({info.positive_label}) means score >= 0.48; "
+        f"false means {info.negative_label}\n"
+    ) in err
 
     out_header, out_rows = read_csv(out_file)
-    assert out_header == ["applicant_id", "score", "decision", "threshold", "model_name", "model_version"]
+    assert out_header == ["applicant_id", "score", "decision", "label", "threshold", "model_name", "model_version"]
     assert len(out_rows) == len(rows)
     assert [r[0] for r in out_rows] == [r[header.index("applicant_id")] for r in rows]
     expected = client.score(matrix_of(rows, header))
@@ -99,10 +104,11 @@ def test_scores_the_example_file(
     assert ((scores >= 0) & (scores <= 1)).all()
     np.testing.assert_allclose(scores, expected.scores, rtol=0, atol=1e-12)
     for r, score in zip(out_rows, scores, strict=True):
-        threshold = float(r[3])
+        threshold = float(r[4])
         assert threshold == expected.threshold == 0.48
         assert r[2] == ("true" if score >= threshold else "false")
-        assert (r[4], r[5]) == ("credit-default", "1")
+        assert r[3] == (info.positive_label if score >= threshold else info.negative_label)
+        assert (r[5], r[6]) == ("credit-default", "1")
 
 
 def test_jsonl_input_and_output(
@@ -126,6 +132,8 @@ def test_jsonl_input_and_output(
     expected = client.score(matrix)
     np.testing.assert_allclose([r["score"] for r in results], expected.scores, rtol=0, atol=1e-12)
     assert [r["decision"] for r in results] == expected.decisions.tolist()
+    info = client.model_info()
+    assert [r["label"] for r in results] == [info.label(d) for d in expected.decisions.tolist()]
     assert all(r["decision"] == (r["score"] >= r["threshold"]) for r in results)
     assert {(r["model_name"], r["model_version"]) for r in results} == {("credit-default", "1")}
 
@@ -157,7 +165,7 @@ def test_without_id_column(target: str, applicants: Path, tmp_path: Path, capsys
     source = write_lines(tmp_path / "noid.csv", [",".join(header[1:]), *(",".join(r[1:]) for r in rows)])
     code, out, err = run(["score", str(source), "--target", target], capsys)
     assert code == 0, err
-    assert out.splitlines()[0] == "score,decision,threshold,model_name,model_version"
+    assert out.splitlines()[0] == "score,decision,label,threshold,model_name,model_version"
     assert len(out.splitlines()) == 3
 
 
@@ -264,11 +272,13 @@ def test_server_error_names_the_input_row(
 # --- info and health --------------------------------------------------------------------------------
 
 
-def test_info_text_and_json(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_text_and_json(target: str, client: ScoringClient, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["info", "--target", target], capsys)
     assert code == 0, err
     assert "credit-default" in out and "version:" in out
     assert "0.48 (run_param:optimal_threshold)" in out
+    positive, negative = client.model_info().label(True), client.model_info().label(False)
+    assert f"decision:    decision=true ({positive}) means score >= 0.48; false means {negative}\n" in out
     assert f"{len(FEATURE_NAMES)}: age, annual_income" in out
     assert "registry" in out and "models:/credit-default/1" in out
 
@@ -277,6 +287,7 @@ def test_info_text_and_json(target: str, capsys: pytest.CaptureFixture[str]) -> 
     info = json.loads(out)
     assert (info["name"], info["version"], info["loaded_from"]) == ("credit-default", "1", "registry")
     assert info["threshold"] == 0.48 and info["threshold_source"] == "run_param:optimal_threshold"
+    assert (info["positive_label"], info["negative_label"]) == (positive, negative)
     assert [f["name"] for f in info["features"]] == list(FEATURE_NAMES)
     assert info["run_id"]
 
@@ -302,6 +313,14 @@ def test_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
         assert "exit codes:\n  0    success" in out, argv
         for code in ("1", "2", "130"):
             assert f"\n  {code} " in out, (argv, code)
+
+
+def test_readme_lists_the_columns_the_cli_prints(target: str, applicants: Path, capsys) -> None:
+    code, out, err = run(["score", str(applicants), "--target", target], capsys)
+    assert code == 0, err
+    (listed,) = re.findall(r"tabserve-client score clients/examples/applicants.csv +# CSV: (.+)$",
+                           (REPO / "README.md").read_text(), flags=re.MULTILINE)
+    assert listed.split(", ") == out.splitlines()[0].split(",")
 
 
 def test_readme_lists_the_exit_codes_of_the_help() -> None:

@@ -26,7 +26,8 @@ TARGET_ENV: Final = "TABSERVE_TARGET"
 DEFAULT_TIMEOUT_S: Final = 10.0
 DEFAULT_ID_COLUMN: Final = "applicant_id"
 DEFAULT_BATCH_SIZE: Final = 1000
-OUTPUT_FIELDS: Final = ("score", "decision", "threshold", "model_name", "model_version")
+# `decision` is score >= threshold; `label` says what that means for the version (e.g. decline / approve).
+OUTPUT_FIELDS: Final = ("score", "decision", "label", "threshold", "model_name", "model_version")
 _FEATURES_SHOWN: Final = 8
 _ROW_IN_DETAILS: Final = re.compile(r"\brow (\d+)\b")
 
@@ -57,11 +58,16 @@ def _with_offset(details: str, offset: int, lines: Sequence[int]) -> str:
     return _ROW_IN_DETAILS.sub(replace, details)
 
 
-def _score_all(client: ScoringClient, parsed: ParsedInput, info: ModelInfo) -> list[ScoreBatch]:
-    """Score every batch; the matrices are in `info`'s feature order, so a version swap mid-run is checked."""
+def _score_all(
+    client: ScoringClient, parsed: ParsedInput, info: ModelInfo
+) -> tuple[list[ScoreBatch], dict[tuple[str, str], ModelInfo]]:
+    """Score every batch; the matrices are in `info`'s feature order, so a version swap mid-run is checked.
+
+    Returns the batches and the info of every version that answered (for its decision labels).
+    """
     results = []
     offset = 0
-    known = {(info.name, info.version)}
+    known = {(info.name, info.version): info}
     for matrix in parsed.batches:
         try:
             batch = client.score(matrix)
@@ -81,27 +87,40 @@ def _score_all(client: ScoringClient, parsed: ParsedInput, info: ModelInfo) -> l
                     f"the server switched from {info.name} version {info.version} to {current.name} version "
                     f"{current.version} with different features during scoring; run the command again",
                 )
-            known.add((batch.model_name, batch.model_version))
+            known[(batch.model_name, batch.model_version)] = current
         results.append(batch)
         offset += matrix.shape[0]
-    return results
+    return results, known
 
 
-def _output_rows(parsed: ParsedInput, results: Sequence[ScoreBatch]) -> Iterator[tuple[Any, float, bool, ScoreBatch]]:
+def _output_rows(
+    parsed: ParsedInput, results: Sequence[ScoreBatch], infos: dict[tuple[str, str], ModelInfo]
+) -> Iterator[tuple[Any, float, bool, str, ScoreBatch]]:
     index = 0
     for batch in results:
+        info = infos[(batch.model_name, batch.model_version)]
         for score, decision in zip(batch.scores.tolist(), batch.decisions.tolist(), strict=True):
-            yield (parsed.ids[index] if parsed.has_ids else None), float(score), bool(decision), batch
+            row_id = parsed.ids[index] if parsed.has_ids else None
+            yield row_id, float(score), bool(decision), info.label(bool(decision)), batch
             index += 1
 
 
-def _write_output(out: IO[str], fmt: str, id_column: str, parsed: ParsedInput, results: Sequence[ScoreBatch]) -> None:
+def _write_output(
+    out: IO[str],
+    fmt: str,
+    id_column: str,
+    parsed: ParsedInput,
+    results: Sequence[ScoreBatch],
+    *,
+    infos: dict[tuple[str, str], ModelInfo],
+) -> None:
     if fmt == "jsonl":
-        for row_id, score, decision, batch in _output_rows(parsed, results):
+        for row_id, score, decision, label, batch in _output_rows(parsed, results, infos):
             record: dict[str, Any] = {id_column: row_id} if parsed.has_ids else {}
             record.update(
                 score=score,
                 decision=decision,
+                label=label,
                 threshold=batch.threshold,
                 model_name=batch.model_name,
                 model_version=batch.model_version,
@@ -110,10 +129,11 @@ def _write_output(out: IO[str], fmt: str, id_column: str, parsed: ParsedInput, r
         return
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([id_column, *OUTPUT_FIELDS] if parsed.has_ids else OUTPUT_FIELDS)
-    for row_id, score, decision, batch in _output_rows(parsed, results):
+    for row_id, score, decision, label, batch in _output_rows(parsed, results, infos):
         cells = [
             repr(score),
             "true" if decision else "false",
+            label,
             repr(batch.threshold),
             batch.model_name,
             batch.model_version,
@@ -121,6 +141,14 @@ def _write_output(out: IO[str], fmt: str, id_column: str, parsed: ParsedInput, r
         if parsed.has_ids:
             cells.insert(0, row_id if isinstance(row_id, str) else json.dumps(row_id))
         writer.writerow(cells)
+
+
+def _meaning(info: ModelInfo) -> str:
+    """What `decision` means for this version, in its own words."""
+    return (
+        f"decision=true ({info.positive_label}) means score >= {info.threshold!r}; "
+        f"false means {info.negative_label}"
+    )
 
 
 def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
@@ -131,14 +159,14 @@ def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         fmt=args.input_format,
     )
-    results = _score_all(client, parsed, info)
+    results, infos = _score_all(client, parsed, info)
     if args.output in (None, "-"):
-        _write_output(sys.stdout, args.output_format, args.id_column, parsed, results)
+        _write_output(sys.stdout, args.output_format, args.id_column, parsed, results, infos=infos)
         sys.stdout.flush()
     else:
         try:
             with open(args.output, "w", encoding="utf-8", newline="") as out:
-                _write_output(out, args.output_format, args.id_column, parsed, results)
+                _write_output(out, args.output_format, args.id_column, parsed, results, infos=infos)
         except OSError as exc:
             raise InputError(f"cannot write {args.output}: {error_reason(exc)}") from None
     versions = sorted({b.model_version for b in results} or {info.version}, key=lambda v: (len(v), v))
@@ -147,6 +175,9 @@ def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
     rows = "row" if parsed.num_rows == 1 else "rows"
     model = f"{', '.join(names)} {noun} {', '.join(versions)}"
     print(f"scored {parsed.num_rows} {rows} with {model}", file=sys.stderr)
+    answered = {(b.model_name, b.model_version) for b in results} or {(info.name, info.version)}
+    for name, version in sorted(answered, key=lambda k: (len(k[1]), k)):
+        print(f"{name} version {version}: {_meaning(infos[(name, version)])}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -166,6 +197,8 @@ def _info_dict(info: ModelInfo) -> dict[str, Any]:
         "flavor": info.flavor,
         "threshold": info.threshold,
         "threshold_source": info.threshold_source,
+        "positive_label": info.positive_label,
+        "negative_label": info.negative_label,
         "features": [{"name": f.name, "type": f.type} for f in info.features],
     }
 
@@ -187,6 +220,7 @@ def _cmd_info(client: ScoringClient, args: argparse.Namespace) -> int:
         ("loaded from", f"{info.loaded_from} at {loaded_at} in {info.load_duration_seconds:.2f}s"),
         ("flavor", info.flavor),
         ("threshold", f"{info.threshold!r} ({info.threshold_source or 'unknown source'})"),
+        ("decision", _meaning(info)),
         ("features", f"{len(names)}: {first}"),
     ]
     width = max(len(label) for label, _ in rows) + 1
@@ -265,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Score rows from a CSV or JSON-lines file (or stdin). Columns must be the model's features, plus\n"
             "an optional id column that is copied to the output. Empty, NA and nan cells (null in JSON) mean\n"
-            "missing."
+            "missing. Output columns: [id,] " + ", ".join(OUTPUT_FIELDS) + ". decision is true when\n"
+            "score >= threshold; label is the model version's word for it (its positive label, e.g. decline,\n"
+            "when true; its negative label, e.g. approve, when false)."
         ),
         **_help_layout,
     )

@@ -57,7 +57,7 @@ class ScoreBatch:
     model_version: str
     threshold: float
     scores: np.ndarray  # float64, probability of the positive class
-    decisions: np.ndarray  # bool, scores >= threshold
+    decisions: np.ndarray  # bool, scores >= threshold: the version's positive label (see ModelInfo.label)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -83,10 +83,18 @@ class ModelInfo:
     threshold: float
     threshold_source: str
     flavor: str
+    # What a decision means for this version (its tags tabserve.decision.positive / .negative):
+    # decision=true, i.e. score >= threshold, is `positive_label` (e.g. "decline"); false is `negative_label`.
+    positive_label: str = "positive"
+    negative_label: str = "negative"
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
+
+    def label(self, decision: bool) -> str:
+        """The version's word for a decision: `positive_label` for True (score >= threshold), else `negative_label`."""
+        return self.positive_label if decision else self.negative_label
 
 
 Rows = Mapping[str, float] | Sequence[Mapping[str, float]] | np.ndarray | Any  # Any: a pandas DataFrame
@@ -187,6 +195,9 @@ class ScoringClient(ChannelClient):
             threshold=m.threshold,
             threshold_source=m.threshold_source,
             flavor=m.flavor,
+            # A server from before the labels existed sends none: the defaults.
+            positive_label=m.positive_label or "positive",
+            negative_label=m.negative_label or "negative",
         )
         self._feature_names, self._feature_version = info.feature_names, info.version
         return info

@@ -26,6 +26,7 @@ import numpy as np
 from tabserve_server.core.cache import ModelCache
 from tabserve_server.core.model import (
     AspiredVersion,
+    DecisionLabels,
     LightGBMPredictor,
     LoadedFrom,
     LoadedModel,
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 THRESHOLD_TAGS = ("decision_threshold",)
 THRESHOLD_PARAMS = ("optimal_threshold", "decision_threshold")
+# Model version tags naming what decision=true (score >= threshold) and decision=false mean.
+POSITIVE_LABEL_TAG = "tabserve.decision.positive"
+NEGATIVE_LABEL_TAG = "tabserve.decision.negative"
+LABEL_TAGS = (POSITIVE_LABEL_TAG, NEGATIVE_LABEL_TAG)
 
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _MODELS_VERSION_OR_STAGE = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)$")
@@ -181,7 +186,8 @@ class ModelLoader:
         meta = entry.metadata
         resolved = ResolvedVersion(
             name=meta["name"], version=meta["version"], run_id=meta["run_id"],
-            download_uri=meta["source_uri"], loaded_from=LoadedFrom.CACHE, version_tags={},
+            download_uri=meta["source_uri"], loaded_from=LoadedFrom.CACHE,
+            version_tags=dict(zip(LABEL_TAGS, meta.get("labels", ()), strict=False)),  # older entries: defaults
         )
         threshold = (float(meta["threshold"]), str(meta["threshold_source"]))
         return self._build(entry.directory, resolved, meta["requested_uri"], started, threshold=threshold)
@@ -300,6 +306,7 @@ class ModelLoader:
             source_uri=resolved.download_uri, loaded_from=resolved.loaded_from, loaded_at=datetime.now(UTC),
             load_duration_seconds=time.monotonic() - started, schema=schema, threshold=value,
             threshold_source=source, flavor=flavor, predictor=predictor,
+            labels=_decision_labels(resolved.version_tags),
         )
 
     def _predictor(
@@ -360,6 +367,18 @@ def _signature_schema(mlmodel: Any) -> FeatureSchema | None:
     return FeatureSchema(tuple(features))
 
 
+def _decision_labels(tags: Mapping[str, str]) -> DecisionLabels:
+    default = DecisionLabels()
+    positive = tags.get(POSITIVE_LABEL_TAG, default.positive).strip()
+    negative = tags.get(NEGATIVE_LABEL_TAG, default.negative).strip()
+    if not positive or not negative or positive == negative:
+        raise ModelLoadError(
+            f"model version tags {POSITIVE_LABEL_TAG}={positive!r} and {NEGATIVE_LABEL_TAG}={negative!r}: "
+            "the decision labels must be two different, non-empty words"
+        )
+    return DecisionLabels(positive, negative)
+
+
 def _parse_threshold(raw: str, source: str) -> tuple[float, str]:
     try:
         value = float(raw)
@@ -375,6 +394,7 @@ def _cache_metadata(model: LoadedModel) -> dict[str, Any]:
         "name": model.name, "version": model.version, "run_id": model.run_id,
         "requested_uri": model.requested_uri, "source_uri": model.source_uri, "threshold": model.threshold,
         "threshold_source": model.threshold_source, "flavor": model.flavor,
+        "labels": [model.labels.positive, model.labels.negative],
         "features": [[f.name, f.type] for f in model.schema.features],
     }
 

@@ -1,4 +1,4 @@
-"""A loaded, validated model version: identity, provenance, schema, threshold and its predictor."""
+"""A loaded, validated model version: identity, provenance, schema, threshold, decision labels and its predictor."""
 
 from __future__ import annotations
 
@@ -79,6 +79,15 @@ class PyfuncPredictor:
 
 
 @dataclass(frozen=True)
+class DecisionLabels:
+    """What a decision means, in the model version's words: `positive` for decision=true (score >= threshold,
+    e.g. "decline" for a default-risk model), `negative` for false (e.g. "approve")."""
+
+    positive: str = "positive"
+    negative: str = "negative"
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """One model version in memory. Immutable: a request that captured it runs entirely on it."""
 
@@ -95,6 +104,7 @@ class LoadedModel:
     threshold_source: str
     flavor: str
     predictor: Predictor
+    labels: DecisionLabels = DecisionLabels()
 
     def satisfies(self, aspired: AspiredVersion) -> bool:
         """Whether this model is what `aspired` asks for."""

@@ -7,7 +7,8 @@ Tensors the model accepts (FP64 or FP32, as `raw_input_contents` little-endian o
 - one tensor named `input`, shape `[rows, features]`, row-major, features in the model's order; or
 - one tensor per feature, named as the feature, shape `[rows]` or `[rows, 1]` (not listed in the
   metadata, which advertises the `input` form only).
-Outputs: `score` (FP64 `[rows]`) and `decision` (BOOL `[rows]`), always as `raw_output_contents`.
+Outputs: `score` (FP64 `[rows]`) and `decision` (BOOL `[rows]`: score >= threshold), always as
+`raw_output_contents`. ModelMetadata's `parameters` name the version's decision labels (what true and false mean).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ MATRIX_INPUT = "input"
 SCORE_OUTPUT = "score"
 DECISION_OUTPUT = "decision"
 OUTPUTS = (SCORE_OUTPUT, DECISION_OUTPUT)
+# ModelMetadata parameters (MLServer's extension): what decision=true (score >= threshold) and false mean.
+POSITIVE_LABEL_PARAMETER = "tabserve.decision.positive"
+NEGATIVE_LABEL_PARAMETER = "tabserve.decision.negative"
 
 # Accepted input datatypes: wire dtype of the raw bytes, and the typed-contents field.
 _INPUT_TYPES: dict[str, tuple[np.dtype[Any], str]] = {
@@ -171,6 +175,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tensor(name=SCORE_OUTPUT, datatype="FP64", shape=[-1]),
                 tensor(name=DECISION_OUTPUT, datatype="BOOL", shape=[-1]),
             ],
+            parameters={
+                POSITIVE_LABEL_PARAMETER: pb.InferParameter(string_param=model.labels.positive),
+                NEGATIVE_LABEL_PARAMETER: pb.InferParameter(string_param=model.labels.negative),
+            },
         )
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -64,4 +64,6 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             threshold=model.threshold,
             threshold_source=model.threshold_source,
             flavor=model.flavor,
+            positive_label=model.labels.positive,
+            negative_label=model.labels.negative,
         )

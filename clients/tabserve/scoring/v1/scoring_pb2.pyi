@@ -101,7 +101,7 @@ class Feature(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "run_id", "requested_uri", "source_uri", "loaded_from", "loaded_at", "load_duration_seconds", "features", "threshold", "threshold_source", "flavor")
+    __slots__ = ("name", "version", "run_id", "requested_uri", "source_uri", "loaded_from", "loaded_at", "load_duration_seconds", "features", "threshold", "threshold_source", "flavor", "positive_label", "negative_label")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,8 @@ class ModelInfo(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_SOURCE_FIELD_NUMBER: _ClassVar[int]
     FLAVOR_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_LABEL_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_LABEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     run_id: str
@@ -126,4 +128,6 @@ class ModelInfo(_message.Message):
     threshold: float
     threshold_source: str
     flavor: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., requested_uri: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[_Union[LoadedFrom, str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_duration_seconds: _Optional[float] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., flavor: _Optional[str] = ...) -> None: ...
+    positive_label: str
+    negative_label: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., requested_uri: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[_Union[LoadedFrom, str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_duration_seconds: _Optional[float] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., flavor: _Optional[str] = ..., positive_label: _Optional[str] = ..., negative_label: _Optional[str] = ...) -> None: ...
