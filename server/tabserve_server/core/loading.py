@@ -1,17 +1,17 @@
-"""Resolve an aspired version in MLflow, download it, load it safely, and validate it before it may serve.
+"""Where a model version comes from: resolved in MLflow and downloaded, a local directory, or the local cache.
 
 Contract:
 - Aliases and stages are resolved to a concrete version first; the download is pinned to
   `models:/<name>/<version>`, so the version cannot change between the check and the download.
-- LightGBM Boosters load from LightGBM's own text format; pickle-based flavors only through pyfunc,
-  and only when the operator opted in (logged as a warning).
-- A model is returned only after it validated; nothing half-loaded ever leaves this module.
+- `load()` and `load_cached()` return a `Candidate`: read, not yet validated. The caller validates it
+  (core/validation.py), then either `commit()`s it once it serves (the cache keeps it as the last good
+  model) or `discard()`s it, which removes whatever the load left on disk. A load that raises leaves
+  nothing behind.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 import warnings
@@ -21,19 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from tabserve_server.core.artifact import read_artifact
 from tabserve_server.core.cache import ModelCache
-from tabserve_server.core.model import (
-    AspiredVersion,
-    DecisionLabels,
-    LightGBMPredictor,
-    LoadedFrom,
-    LoadedModel,
-    Predictor,
-    PyfuncPredictor,
-)
-from tabserve_server.core.schema import Feature, FeatureSchema
+from tabserve_server.core.model import AspiredVersion, DecisionLabels, LoadedFrom, LoadedModel
 from tabserve_server.errors import ModelLoadError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
@@ -102,33 +92,21 @@ def _wrap(step: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"{step}: {exc}")
 
 
-def warm_up_rows(schema: FeatureSchema, count: int = 8, seed: int = 0) -> np.ndarray:
-    """Rows for the warm-up check: all zeros, all missing, and random values."""
-    rng = np.random.default_rng(seed)
-    rows = rng.normal(size=(count, len(schema)))
-    rows[0] = 0.0
-    rows[1] = np.nan
-    return rows
+def _nothing() -> None:
+    """A candidate with nothing to commit or clean up (a local directory, the cache's own entry)."""
 
 
-def validate(model: LoadedModel, served: LoadedModel | None, allow_schema_change: bool) -> None:
-    """Raise ModelLoadError unless `model` is fit to replace `served`."""
-    if served is not None and served.name == model.name and not model.schema.same_inputs(served.schema):
-        if not allow_schema_change:
-            ours, theirs = set(model.schema.names), set(served.schema.names)
-            added, removed = sorted(ours - theirs), sorted(theirs - ours)
-            detail = f"added {added[:5]}, removed {removed[:5]}" if added or removed else "same names, new order"
-            raise ModelLoadError(
-                f"feature schema of version {model.version} differs from served version {served.version} "
-                f"({len(model.schema)} vs {len(served.schema)} features; {detail})"
-            )
-        log.warning("serving a new feature schema for %s (allow_schema_change is on)", model.name)
-    try:
-        scores = model.predict(warm_up_rows(model.schema))
-    except Exception as exc:
-        raise ModelLoadError(f"warm-up prediction failed: {exc}") from exc
-    if scores.shape != (8,) or not np.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
-        raise ModelLoadError(f"warm-up predictions not finite probabilities in [0, 1]: {scores[:8]!r}")
+@dataclass(frozen=True)
+class Candidate:
+    """A loaded model version that has not served yet.
+
+    `commit` records it in the cache as the last good model; call it once it serves. `discard` cleans
+    up a candidate that will never serve (failed validation, superseded); call exactly one of the two.
+    """
+
+    model: LoadedModel
+    commit: Callable[[], None] = _nothing
+    discard: Callable[[], None] = _nothing
 
 
 class ModelLoader:
@@ -152,33 +130,30 @@ class ModelLoader:
 
     # --- public -----------------------------------------------------------------------------
 
-    def load(
-        self, aspired: AspiredVersion, validate_against: Callable[[LoadedModel], None]
-    ) -> tuple[LoadedModel, Callable[[], None]]:
-        """Resolve, download, load and validate `aspired`.
-
-        Returns the model and a `commit` callable that records it in the cache as the last good
-        model; the caller commits once the model is swapped in.
-        """
+    def load(self, aspired: AspiredVersion) -> Candidate:
+        """Resolve, download and read `aspired` into a candidate (not validated)."""
         started = time.monotonic()
         resolved = self.resolve(aspired)
         if resolved.loaded_from is LoadedFrom.LOCAL:
-            directory = Path(resolved.download_uri)
-            model = self._build(directory, resolved, aspired.model_uri, started)
-            validate_against(model)
-            return model, lambda: None
+            return Candidate(self._build(Path(resolved.download_uri), resolved, aspired.model_uri, started))
         entry = self.cache.stage(resolved.name, resolved.version)
         try:
             self._download(resolved.download_uri, entry.directory)
             model = self._build(entry.directory, resolved, aspired.model_uri, started)
-            validate_against(model)
         except BaseException:
             self.cache.discard(entry)
             raise
-        return model, lambda: self.cache.commit(entry, _cache_metadata(model))
+        return Candidate(
+            model,
+            commit=lambda: self.cache.commit(entry, _cache_metadata(model)),
+            discard=lambda: self.cache.discard(entry),
+        )
 
-    def load_cached(self, model_name: str) -> LoadedModel | None:
-        """The last model of `model_name` that loaded and validated here, or None."""
+    def load_cached(self, model_name: str) -> Candidate | None:
+        """The last model of `model_name` that served here, as a candidate, or None.
+
+        Committing or discarding it leaves the cache as it is: the entry is already the last good one.
+        """
         entry = self.cache.current(model_name)
         if entry is None:
             return None
@@ -190,7 +165,7 @@ class ModelLoader:
             version_tags=dict(zip(LABEL_TAGS, meta.get("labels", ()), strict=False)),  # older entries: defaults
         )
         threshold = (float(meta["threshold"]), str(meta["threshold_source"]))
-        return self._build(entry.directory, resolved, meta["requested_uri"], started, threshold=threshold)
+        return Candidate(self._build(entry.directory, resolved, meta["requested_uri"], started, threshold=threshold))
 
     def resolve(self, aspired: AspiredVersion) -> ResolvedVersion:
         uri = aspired.model_uri
@@ -290,81 +265,18 @@ class ModelLoader:
         started: float,
         threshold: tuple[float, str] | None = None,
     ) -> LoadedModel:
-        from mlflow.models import Model
-
-        mlmodel_path = directory / "MLmodel"
-        if not mlmodel_path.is_file():
-            raise ModelLoadError(f"{resolved.download_uri}: no MLmodel file in the model artifacts")
-        try:
-            mlmodel = Model.load(str(mlmodel_path))
-        except Exception as exc:
-            raise ModelLoadError(f"{resolved.download_uri}: unreadable MLmodel: {exc}") from exc
-        flavor, predictor, schema = self._predictor(directory, mlmodel, resolved)
+        artifact = read_artifact(
+            directory, resolved.download_uri,
+            allow_pyfunc=self.config.allow_pyfunc, predict_threads=self.config.predict_threads,
+        )
         value, source = threshold if threshold is not None else self._threshold(resolved)
         return LoadedModel(
             name=resolved.name, version=resolved.version, run_id=resolved.run_id, requested_uri=requested_uri,
             source_uri=resolved.download_uri, loaded_from=resolved.loaded_from, loaded_at=datetime.now(UTC),
-            load_duration_seconds=time.monotonic() - started, schema=schema, threshold=value,
-            threshold_source=source, flavor=flavor, predictor=predictor,
+            load_duration_seconds=time.monotonic() - started, schema=artifact.schema, threshold=value,
+            threshold_source=source, flavor=artifact.flavor, predictor=artifact.predictor,
             labels=_decision_labels(resolved.version_tags),
         )
-
-    def _predictor(
-        self, directory: Path, mlmodel: Any, resolved: ResolvedVersion
-    ) -> tuple[str, Predictor, FeatureSchema]:
-        flavors: Mapping[str, Any] = mlmodel.flavors
-        signature_schema = _signature_schema(mlmodel)
-        lgb_conf = flavors.get("lightgbm")
-        if lgb_conf and str(lgb_conf.get("data", "")).endswith(".lgb"):
-            import lightgbm
-
-            model_file = directory / lgb_conf["data"]
-            if not model_file.is_file():
-                raise ModelLoadError(f"{resolved.download_uri}: model file {lgb_conf['data']} is missing")
-            try:
-                booster = lightgbm.Booster(model_file=str(model_file))
-            except Exception as exc:
-                raise ModelLoadError(f"{resolved.download_uri}: LightGBM cannot read {model_file.name}: {exc}") from exc
-            booster_names = [str(n) for n in booster.feature_name()]
-            schema = signature_schema or FeatureSchema(tuple(Feature(n, "double") for n in booster_names))
-            if len(schema) != booster.num_feature():
-                raise ModelLoadError(
-                    f"signature has {len(schema)} features, the booster {booster.num_feature()}"
-                )
-            named = signature_schema is not None and not all(n.startswith("Column_") for n in booster_names)
-            if named and tuple(booster_names) != schema.names:
-                raise ModelLoadError("signature feature names do not match the booster's feature names")
-            threads = self.config.predict_threads or (os.cpu_count() or 1)
-            return "lightgbm", LightGBMPredictor(booster, threads), schema
-        if "python_function" not in flavors:
-            raise ModelLoadError(f"{resolved.download_uri}: no lightgbm or python_function flavor")
-        if not self.config.allow_pyfunc:
-            raise ModelLoadError(
-                f"{resolved.download_uri}: flavors {sorted(flavors)} load through pyfunc, which may unpickle code; "
-                "set allow_pyfunc to opt in"
-            )
-        if signature_schema is None:
-            raise ModelLoadError(f"{resolved.download_uri}: a pyfunc model needs a signature with named inputs")
-        log.warning("loading %s through MLflow pyfunc (allow_pyfunc is on): it may execute pickled code",
-                    resolved.download_uri)
-        import mlflow.pyfunc
-
-        try:
-            model = mlflow.pyfunc.load_model(str(directory))
-        except Exception as exc:
-            raise ModelLoadError(f"{resolved.download_uri}: pyfunc load failed: {exc}") from exc
-        return "python_function", PyfuncPredictor(model, signature_schema), signature_schema
-
-
-def _signature_schema(mlmodel: Any) -> FeatureSchema | None:
-    signature = mlmodel.signature
-    if signature is None or signature.inputs is None or not signature.inputs.has_input_names():
-        return None
-    features = []
-    for spec in signature.inputs.inputs:
-        kind = getattr(spec.type, "name", str(spec.type))
-        features.append(Feature(str(spec.name), str(kind)))
-    return FeatureSchema(tuple(features))
 
 
 def _decision_labels(tags: Mapping[str, str]) -> DecisionLabels:
@@ -399,4 +311,4 @@ def _cache_metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-__all__ = ["LoaderConfig", "ModelLoader", "model_name_from_uri", "validate"]
+__all__ = ["Candidate", "LoaderConfig", "ModelLoader", "model_name_from_uri"]

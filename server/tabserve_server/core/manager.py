@@ -2,16 +2,20 @@
 
 Contract (after TF Serving's AspiredVersionsManager with the availability-preserving policy):
 - `set_aspired()` is idempotent and the latest statement wins; it never blocks on loading.
-- A new version is loaded and validated in a background thread, then swapped in atomically; the old
-  version serves until then. `current()` is a lock-free read, so a request captures one version and
-  runs entirely on it, and scoring never waits for a load.
+- A new version is loaded as a candidate in a background thread, validated, then swapped in atomically;
+  the old version serves until then. `current()` is a lock-free read, so a request captures one version
+  and runs entirely on it, and scoring never waits for a load.
+- Every candidate is validated the same way (feature schema against the served version, warm-up
+  predictions), whether it came from the registry, a local directory or the cache. A candidate that
+  will never serve (failed validation, superseded by a newer statement) is discarded; one that serves
+  is committed, which makes it the cache's last good model.
 - A failed load leaves the served version in place; the failure is kept in `status()` and the same
   version is retried with exponential back-off.
 - A statement with `stage_only` (used by the multi-worker supervisor) loads and validates as usual
   but holds the model staged instead of swapping it in; `commit_staged()` swaps it. A newer
   statement discards a staged model that does not satisfy it.
-- With nothing served and the aspired version failing (for example the registry is down at
-  start-up), the last validated model in the local cache is served, and status says so.
+- With nothing served and the aspired version failing (for any reason, for example the registry is
+  down at start-up), the last validated model in the local cache is served, and status says so.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
+from typing import Protocol
 
-from tabserve_server.core.loading import ModelLoader, model_name_from_uri, validate
+from tabserve_server.core.loading import Candidate, model_name_from_uri
 from tabserve_server.core.model import AspiredVersion, LoadedModel
+from tabserve_server.core.validation import validate
 from tabserve_server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,37 @@ class ManagerStatus:
     staged: LoadedModel | None = None
 
 
+@dataclass(frozen=True)
+class Failure:
+    """The last failed load of `aspired`: its `attempts`-th in a row; not retried before `retry_at` (monotonic)."""
+
+    aspired: AspiredVersion
+    attempts: int
+    error: str
+    at: datetime
+    retry_at: float
+
+
+@dataclass(frozen=True)
+class StagedVersion:
+    """A validated candidate, loaded for `aspired`, held until `commit_staged()` swaps it in."""
+
+    aspired: AspiredVersion
+    candidate: Candidate
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.candidate.model
+
+
+class CandidateLoader(Protocol):
+    """Where candidates come from (core/loading.ModelLoader)."""
+
+    def load(self, aspired: AspiredVersion) -> Candidate: ...
+
+    def load_cached(self, model_name: str) -> Candidate | None: ...
+
+
 SwapListener = Callable[[LoadedModel, LoadedModel | None], None]
 LoadListener = Callable[[AspiredVersion, bool, float, str], None]
 
@@ -59,7 +96,7 @@ LoadListener = Callable[[AspiredVersion, bool, float, str], None]
 class ModelManager:
     def __init__(
         self,
-        loader: ModelLoader,
+        loader: CandidateLoader,
         *,
         allow_schema_change: bool = False,
         retry_initial_seconds: float = 1.0,
@@ -72,9 +109,9 @@ class ModelManager:
         self._current: LoadedModel | None = None
         self._aspired: AspiredVersion | None = None
         self._stage_only = False
-        self._staged: tuple[LoadedModel, Callable[[], None]] | None = None  # model, cache commit
+        self._staged: StagedVersion | None = None
         self._state = LoadState.IDLE
-        self._failure: tuple[AspiredVersion, int, str, datetime, float] | None = None  # aspired, n, error, at, retry
+        self._failure: Failure | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -95,15 +132,18 @@ class ModelManager:
 
         With `stage_only` the loaded, validated model is held until `commit_staged()`.
         """
+        dropped: StagedVersion | None = None
         with self._lock:
             if aspired != self._aspired:
                 log.info("aspired version: %s %s (%s)%s", aspired.model_name, aspired.version or "-",
                          aspired.model_uri, " staged only" if stage_only else "")
             self._aspired = aspired
             self._stage_only = stage_only
-            if self._staged is not None and not self._staged[0].satisfies(aspired):
-                self._staged = None
+            if self._staged is not None and not self._staged.model.satisfies(aspired):
+                dropped, self._staged = self._staged, None
             current = self._current
+        if dropped is not None:
+            self._discard(dropped.candidate, "a newer aspired version arrived before the commit")
         self._wake.set()
         return current is not None and current.satisfies(aspired)
 
@@ -114,14 +154,15 @@ class ModelManager:
                 serving=self._current,
                 aspired=self._aspired,
                 state=self._state,
-                last_error=failure[2] if failure else "",
-                last_error_at=failure[3] if failure else None,
+                last_error=failure.error if failure else "",
+                last_error_at=failure.at if failure else None,
                 next_attempt_at=(
-                    datetime.now(UTC) + timedelta(seconds=max(0.0, failure[4] - time.monotonic())) if failure else None
+                    datetime.now(UTC) + timedelta(seconds=max(0.0, failure.retry_at - time.monotonic()))
+                    if failure else None
                 ),
-                failed_attempts=failure[1] if failure else 0,
-                failed_version=(failure[0].version or failure[0].model_uri) if failure else "",
-                staged=self._staged[0] if self._staged else None,
+                failed_attempts=failure.attempts if failure else 0,
+                failed_version=(failure.aspired.version or failure.aspired.model_uri) if failure else "",
+                staged=self._staged.model if self._staged else None,
             )
 
     def commit_staged(self, aspired: AspiredVersion) -> bool:
@@ -130,11 +171,10 @@ class ModelManager:
             if self._current is not None and self._current.satisfies(aspired):
                 return True
             staged = self._staged
-            if staged is None or not staged[0].satisfies(aspired):
+            if staged is None or not staged.model.satisfies(aspired):
                 return False
             self._staged = None
-        self._swap(staged[0])
-        staged[1]()
+        self._serve(staged.candidate)
         self._wake.set()
         return True
 
@@ -161,7 +201,7 @@ class ModelManager:
             with self._lock:
                 aspired, current, failure = self._aspired, self._current, self._failure
                 staged, stage_only = self._staged, self._stage_only
-            if aspired is not None and staged is not None and staged[0].satisfies(aspired):
+            if aspired is not None and staged is not None and staged.model.satisfies(aspired):
                 if stage_only:
                     self._settle(aspired)
                     self._wait(None)
@@ -172,8 +212,8 @@ class ModelManager:
                 self._settle(aspired)
                 self._wait(None)
                 continue
-            if failure is not None and failure[0] == aspired and time.monotonic() < failure[4]:
-                self._wait(failure[4] - time.monotonic())
+            if failure is not None and failure.aspired == aspired and time.monotonic() < failure.retry_at:
+                self._wait(failure.retry_at - time.monotonic())
                 continue
             self._attempt(aspired)
 
@@ -184,7 +224,7 @@ class ModelManager:
     def _settle(self, aspired: AspiredVersion | None) -> None:
         """Nothing to load: a failure of an earlier aspired version (e.g. before a rollback) is history."""
         with self._lock:
-            if self._failure is not None and self._failure[0] != aspired:
+            if self._failure is not None and self._failure.aspired != aspired:
                 self._failure = None
             if self._failure is not None:
                 self._state = LoadState.FAILED
@@ -196,35 +236,49 @@ class ModelManager:
             self._state = LoadState.LOADING
         started = time.monotonic()
         try:
-            model, commit = self._loader.load(
-                aspired, lambda m: validate(m, self._current, self._allow_schema_change)
-            )
+            candidate = self._validated(self._loader.load(aspired))
         except Exception as exc:
             self._record_failure(aspired, exc, time.monotonic() - started)
             if self._current is None:
                 self._serve_from_cache(aspired)
             return
+        replaced: StagedVersion | None = None
         with self._lock:
             superseded = self._aspired != aspired and self._current is not None
-        if superseded:
-            log.info("discarding %s %s: a newer aspired version arrived during the load", model.name, model.version)
-            return
-        with self._lock:
             # Under a supervisor even a first, superseded load waits for the commit: workers never diverge.
-            stage = self._stage_only
+            stage = self._stage_only and not superseded
             if stage:
-                self._staged = (model, commit)
+                replaced, self._staged = self._staged, StagedVersion(aspired, candidate)
                 self._failure = None
                 self._state = LoadState.STAGED
-        if stage:
-            log.info("staged %s version %s: swapped in on commit", model.name, model.version)
-            for listener in self._load_listeners:
-                listener(aspired, True, time.monotonic() - started, "")
+        if superseded:
+            self._discard(candidate, "a newer aspired version arrived during the load")
             return
-        self._swap(model)
-        commit()
+        if replaced is not None:
+            self._discard(replaced.candidate, "a newer version was staged")
+        if stage:
+            log.info("staged %s version %s: swapped in on commit", candidate.model.name, candidate.model.version)
+        else:
+            self._serve(candidate)
         for listener in self._load_listeners:
             listener(aspired, True, time.monotonic() - started, "")
+
+    def _validated(self, candidate: Candidate) -> Candidate:
+        """The one check of every candidate, wherever it came from; a candidate that fails it is discarded."""
+        try:
+            validate(candidate.model, self._current, self._allow_schema_change)
+        except BaseException:
+            candidate.discard()
+            raise
+        return candidate
+
+    def _discard(self, candidate: Candidate, why: str) -> None:
+        log.info("discarding %s %s: %s", candidate.model.name, candidate.model.version, why)
+        candidate.discard()
+
+    def _serve(self, candidate: Candidate) -> None:
+        self._swap(candidate.model)
+        candidate.commit()
 
     def _swap(self, model: LoadedModel) -> None:
         with self._lock:
@@ -246,9 +300,10 @@ class ModelManager:
             log.error("loading %s failed unexpectedly:\n%s", aspired.model_uri, traceback.format_exc())
         message = str(exc) or type(exc).__name__
         with self._lock:
-            attempts = self._failure[1] + 1 if self._failure and self._failure[0] == aspired else 1
+            previous = self._failure
+            attempts = previous.attempts + 1 if previous and previous.aspired == aspired else 1
             wait = min(self._retry_max, self._retry_initial * 2 ** (attempts - 1))
-            self._failure = (aspired, attempts, message, datetime.now(UTC), time.monotonic() + wait)
+            self._failure = Failure(aspired, attempts, message, datetime.now(UTC), time.monotonic() + wait)
             self._state = LoadState.FAILED
         for listener in self._load_listeners:
             listener(aspired, False, duration, message)
@@ -260,13 +315,14 @@ class ModelManager:
             if cached is None:
                 log.warning("no cached model of %r to fall back on; not serving until a load succeeds", name)
                 return
-            validate(cached, None, self._allow_schema_change)
+            self._validated(cached)
         except Exception as exc:
             log.error("the cached model of %r is unusable: %s", name, exc)
             return
-        log.warning("registry load failed; serving %s version %s from the local cache", cached.name, cached.version)
+        log.warning("loading %s failed; serving %s version %s from the local cache",
+                    aspired.model_uri, cached.model.name, cached.model.version)
         with self._lock:
             failure = self._failure
-        self._swap(cached)
-        with self._lock:  # keep the registry failure visible: the aspired version is still not loaded
+        self._serve(cached)
+        with self._lock:  # keep the load failure visible: the aspired version is still not loaded
             self._failure, self._state = failure, LoadState.FAILED
