@@ -63,7 +63,7 @@ alerts-check: $(STAMP)
 	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --check
 
 lint: $(STAMP)
-	$(PY) -m ruff check common server clients monitor tests tools bench
+	$(PY) -m ruff check common server clients monitor demo tests tools bench
 	$(PY) -m mypy
 
 test: $(STAMP) protos-check buf-check alerts-check lint
@@ -71,12 +71,12 @@ test: $(STAMP) protos-check buf-check alerts-check lint
 
 ## run: embedded default: local SQLite registry + demo model under $(DATA)/, server in the foreground
 run: $(STAMP)
-	$(PY) -m tabserve_server.embedded --data-dir $(DATA)
+	$(PY) -m tabserve_demo.embedded --data-dir $(DATA)
 
 ## demo: scripted tour in a fresh temporary registry: score, promote a version and watch the switch,
 ## promote a broken one and watch it refused while the good one keeps serving; exits 0 when all held
 demo: $(STAMP)
-	$(PY) -m tabserve_server.demo_tour
+	$(PY) -m tabserve_demo.tour
 
 ## bench: the benchmark (not part of test): compute limit, reference servicer, this server, reloads under
 ## load, the monitor's poll cost; prints a table and writes bench/results.json (about 15 minutes)
@@ -85,7 +85,7 @@ bench: $(STAMP)
 
 ## demo-model: train and register another demo model version and move the production alias to it
 demo-model: $(STAMP)
-	$(PY) -m tabserve_server.demo_model --data-dir $(DATA) --set-alias production
+	$(PY) -m tabserve_demo.new_version --data-dir $(DATA) --set-alias production
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

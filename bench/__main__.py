@@ -39,7 +39,7 @@ from bench import compute, h2load, monitor_poll, reload_memory, serving
 from bench.model import FULL, TINY, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown
-from tools.processes import ServerProcess
+from tabserve_demo.processes import ServerProcess
 
 log = logging.getLogger("bench")
 

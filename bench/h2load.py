@@ -26,7 +26,7 @@ import numpy as np
 from bench.processes import SCORE_METHOD, score_calls_by_code
 from bench.report import H2LOAD, SectionResult, Target, ratio
 from bench.serving import score_request
-from tools.processes import ChildProcess
+from tabserve_demo.processes import ChildProcess
 
 CONNECTIONS = 16  # 16 concurrent callers, one connection each (SO_REUSEPORT spreads connections, not streams)
 

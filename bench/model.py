@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
+from tabserve_demo.applicants import FEATURE_NAMES, make_applicants
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ runs, 500 versions, one large artifact inside the model directory every version 
 created cheaply with `MlflowClient.create_model_version` on one shared model artifact. Then
 `RegistryWatcher.resolve()` (what one poll asks the registry) is timed for alias mode and legacy-stage
 mode, through SQLite directly and, in the full run, through a real `mlflow server` child process on
-loopback per registry (tools/processes.py). Polls of the two registries are interleaved so machine noise
+loopback per registry (tabserve_demo.processes). Polls of the two registries are interleaved so machine noise
 hits both alike.
 
 Besides wall time, each figure has a count that noise cannot move: SQL statements and ORM rows the
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import SectionResult, Target, percentile_ms, ratio
-from tools.processes import MlflowServer
+from tabserve_demo.processes import MlflowServer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Child processes of the benchmark: the project's server and the reference servicer.
 
-Both are `tools.processes.ChildProcess`es: each prints one JSON line `{"event": "listening", ...ports}` on
+Both are `tabserve_demo.processes.ChildProcess`es: each prints one JSON line `{"event": "listening", ...ports}` on
 stdout first; stderr goes to a log file in the work directory. `stop()` is always called from a `finally`
 (or an ExitStack).
 """
@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tabserve_demo.processes import ChildProcess, ServerProcess
 from tabserve_server.settings import ENV_PREFIX
-from tools.processes import ChildProcess, ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 

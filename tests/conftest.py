@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tabserve_client import ScoringClient
+from tabserve_demo.embedded import bootstrap_embedded_registry
 from tabserve_server.app import ServingApp
-from tabserve_server.demo_model import bootstrap_embedded_registry
 from tests.support import MODEL_NAME, server_settings, wait_for
 
 

@@ -1,7 +1,7 @@
 """Test support: settings of real servers and monitors on port 0, a server child process with its control
 client, /metrics scraping, and waiting helpers.
 
-The child processes themselves (server, monitor, `mlflow server`) are in tools/processes.py.
+The child processes themselves (server, monitor, `mlflow server`) are in tabserve_demo/processes.py (demo/).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tabserve.control.v1 import control_pb2
 from tabserve_client import ControlClient, aspired_version
+from tabserve_demo.processes import ServerProcess
 from tabserve_server.settings import ServerSettings
 from tools.debian import ToolUnavailable, ensure_command
-from tools.processes import ServerProcess
 
 MODEL_NAME = "credit-default"
 SCORE_METHOD = "tabserve.scoring.v1.Scoring/Score"

@@ -18,8 +18,8 @@ import pytest
 
 from tabserve_client import ScoringClient
 from tabserve_client.cli import EXIT_CODES_HELP, main
+from tabserve_demo.applicants import FEATURE_NAMES, write_example_applicants
 from tabserve_server.app import ServingApp
-from tabserve_server.demo_model import FEATURE_NAMES, write_example_applicants
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "clients" / "examples" / "applicants.csv"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from tabserve_client import ScoringClient
-from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
+from tabserve_demo.applicants import FEATURE_NAMES, make_applicants
 
 CLIENTS = Path(__file__).resolve().parent.parent / "clients"
 

@@ -36,10 +36,10 @@ from tabserve.control.v1 import control_pb2
 from tabserve.inference.v2 import open_inference_grpc_pb2 as v2_pb
 from tabserve.inference.v2 import open_inference_grpc_pb2_grpc as v2_grpc
 from tabserve_client import ScoringClient, ScoringError
-from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
+from tabserve_demo.applicants import FEATURE_NAMES, make_applicants
+from tabserve_demo.processes import MlflowServer, MonitorProcess, free_port
 from tabserve_server.settings import ServerSettings
 from tests.support import MODEL_NAME, Server, monitor_settings, sample_key, scrape, server_settings, wait_for
-from tools.processes import MlflowServer, MonitorProcess, free_port
 
 POLL = 0.5  # the monitors' poll interval
 SLOW_LOAD = 4.0  # seconds the slow version's load sleeps in the shared server

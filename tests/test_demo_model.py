@@ -1,4 +1,4 @@
-"""Tests of the demo credit-scoring model and its registration in a real SQLite MLflow registry."""
+"""Tests of the demo credit-scoring model (tabserve_demo) and its registration in a real SQLite MLflow registry."""
 
 from __future__ import annotations
 
@@ -16,16 +16,11 @@ from mlflow import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from tabserve_server import demo_model
-from tabserve_server.demo_model import (
-    FEATURE_NAMES,
-    bootstrap_embedded_registry,
-    embedded_paths,
-    make_applicants,
-    register_demo_version,
-    train_booster,
-    write_example_applicants,
-)
+from tabserve_demo import new_version
+from tabserve_demo.applicants import FEATURE_NAMES, MISSING_VALUE_COLUMNS, make_applicants, write_example_applicants
+from tabserve_demo.embedded import bootstrap_embedded_registry, embedded_paths
+from tabserve_demo.registration import register_demo_version
+from tabserve_demo.training import train_booster
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +83,7 @@ def test_make_applicants_shape_missing_values_and_determinism() -> None:
 
     missing = np.isnan(features).mean(axis=0)
     columns_with_missing = {FEATURE_NAMES[j] for j in np.flatnonzero(missing)}
-    assert columns_with_missing == set(demo_model.MISSING_VALUE_COLUMNS)
+    assert columns_with_missing == set(MISSING_VALUE_COLUMNS)
     assert np.all((missing[missing > 0] > 0.01) & (missing[missing > 0] < 0.03))
     assert np.all(np.isfinite(features[:, missing == 0]))
 
@@ -137,7 +132,7 @@ def test_bootstrap_registers_once_and_cli_adds_a_version(tmp_path: Path, capsys:
     assert bootstrap_embedded_registry(data_dir) == uri
     assert _versions(uri, "credit-default") == ["1"]
 
-    assert demo_model.main(["--data-dir", str(data_dir), "--set-alias", "production"]) == 0
+    assert new_version.main(["--data-dir", str(data_dir), "--set-alias", "production"]) == 0
     assert "registered credit-default version 2 (alias production -> 2)" in capsys.readouterr().out
     assert _production(client, "credit-default") == "2"
     assert _params(client, "credit-default", "2")["seed"] == "2"

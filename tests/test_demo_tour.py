@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(TOUR_TIMEOUT_S + 60)
 def test_demo_tour_end_to_end(tmp_path: Path) -> None:
     data_dir = tmp_path / "demo"
     tour = subprocess.Popen(
-        [sys.executable, "-m", "tabserve_server.demo_tour", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "tabserve_demo.tour", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -57,7 +57,7 @@ def test_demo_tour_end_to_end(tmp_path: Path) -> None:
 
 
 def test_demo_tour_fails_clearly_on_an_unusable_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tabserve_server.demo_tour import main
+    from tabserve_demo.tour import main
 
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")

@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry
 from tabserve.inference.v2 import open_inference_grpc_pb2 as pb
 from tabserve.inference.v2 import open_inference_grpc_pb2_grpc as pb_grpc
 from tabserve_client import ScoringClient
+from tabserve_demo.applicants import FEATURE_NAMES, make_applicants
 from tabserve_server.app import ServingApp
-from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
 from tabserve_server.transport.inference_v2 import SERVICE_NAME
 from tests.support import MODEL_NAME, server_settings, wait_for
 

@@ -11,9 +11,10 @@ import lightgbm
 import numpy as np
 import pytest
 
+from tabserve_demo.applicants import make_applicants
+from tabserve_demo.training import train_booster
 from tabserve_server.core.lgbm_fast import SingleRowFast, check_rows
 from tabserve_server.core.model import LightGBMPredictor
-from tabserve_server.demo_model import make_applicants, train_booster
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow.models import infer_signature
 
 from tabserve_client import ScoringClient, ScoringError
-from tabserve_server.demo_model import FEATURE_NAMES
+from tabserve_demo.applicants import FEATURE_NAMES
+from tabserve_demo.processes import ServerProcess
 from tests.support import MODEL_NAME, server_settings, wait_for
-from tools.processes import ServerProcess
 
 SLOW_MODEL = "slow-model"
 

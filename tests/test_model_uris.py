@@ -13,13 +13,14 @@ from mlflow.tracking import MlflowClient
 from prometheus_client import CollectorRegistry
 
 from tabserve_client import ScoringClient
+from tabserve_demo.embedded import bootstrap_embedded_registry
+from tabserve_demo.processes import MlflowServer
+from tabserve_demo.registration import register_demo_version
 from tabserve_server.app import ServingApp, loader_config
 from tabserve_server.core.loading import NEGATIVE_LABEL_TAG, POSITIVE_LABEL_TAG, ModelLoader
 from tabserve_server.core.model import AspiredVersion, DecisionLabels, LoadedFrom
-from tabserve_server.demo_model import bootstrap_embedded_registry, register_demo_version
 from tabserve_server.transport import inference_v2
 from tests.support import MODEL_NAME, server_settings, wait_for
-from tools.processes import MlflowServer
 
 V1_LABELS = ("default", "repay")
 V2_LABELS = ("decline", "approve")

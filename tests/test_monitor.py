@@ -17,13 +17,15 @@ from prometheus_client import CollectorRegistry
 
 from tabserve.control.v1 import control_pb2
 from tabserve_client import ScoringClient
+from tabserve_demo.applicants import make_applicants
+from tabserve_demo.embedded import bootstrap_embedded_registry
+from tabserve_demo.processes import MonitorProcess, free_port
+from tabserve_demo.registration import register_demo_version
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import Problem, RegistryWatcher
 from tabserve_monitor.settings import MonitorSettings
-from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
 from tests.support import MODEL_NAME, SCORE_METHOD, Server, server_settings, wait_for
-from tools.processes import MonitorProcess, free_port
 
 POLL = 0.5
 ROWS = make_applicants(4, seed=4242)[0]

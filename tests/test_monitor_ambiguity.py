@@ -16,13 +16,13 @@ from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry
 
 from tabserve.control.v1 import control_pb2
+from tabserve_demo.embedded import bootstrap_embedded_registry
+from tabserve_demo.processes import ServerProcess
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import RegistryWatcher
 from tabserve_monitor.settings import MonitorSettings
-from tabserve_server.demo_model import bootstrap_embedded_registry
 from tests.support import MODEL_NAME, server_settings, wait_for
-from tools.processes import ServerProcess
 
 
 @pytest.fixture(scope="module")

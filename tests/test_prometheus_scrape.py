@@ -23,9 +23,9 @@ import yaml
 from mlflow import MlflowClient
 
 from tabserve_client import ScoringClient
-from tabserve_server.demo_model import make_applicants
+from tabserve_demo.applicants import make_applicants
+from tabserve_demo.processes import MonitorProcess, ServerProcess, free_port
 from tests.support import MODEL_NAME, monitor_settings, required_command, server_settings, wait_for
-from tools.processes import MonitorProcess, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitor" / "alerts" / "tabserve.rules.yml"

@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ControlClient, ControlError, ScoringClient, ScoringError
+from tabserve_demo.applicants import FEATURE_NAMES, make_applicants
 from tabserve_server.app import ServingApp
 from tabserve_server.core.dataplane import DataPlane
-from tabserve_server.demo_model import FEATURE_NAMES, make_applicants
 from tabserve_server.metrics import ServerMetrics
 from tabserve_server.transport import inference_v2
 from tabserve_server.transport.edge import Edge

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from tabserve_common.settings import Settings, SettingsError
+from tabserve_demo.processes import prefixed_env
 from tabserve_monitor.settings import MonitorSettings
 from tabserve_server.settings import ServerSettings
-from tools.processes import prefixed_env
 
 # (settings class, field, text given, what the error says after "invalid --flag / VARIABLE: ")
 BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [

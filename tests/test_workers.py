@@ -16,11 +16,13 @@ from prometheus_client import CollectorRegistry
 
 from tabserve.control.v1 import control_pb2
 from tabserve_client import ControlClient, ScoringClient, aspired_version
+from tabserve_demo.applicants import make_applicants
+from tabserve_demo.embedded import bootstrap_embedded_registry
+from tabserve_demo.processes import MonitorProcess
+from tabserve_demo.registration import register_demo_version
 from tabserve_server.app import ServingApp
 from tabserve_server.core.model import AspiredVersion
-from tabserve_server.demo_model import bootstrap_embedded_registry, make_applicants, register_demo_version
 from tests.support import MODEL_NAME, SCORE_METHOD, Server, sample_key, scrape, server_settings, wait_for
-from tools.processes import MonitorProcess
 
 ROWS = make_applicants(3, seed=99)[0]
 

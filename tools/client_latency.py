@@ -17,11 +17,12 @@ import lightgbm
 import numpy as np
 
 from tabserve_client import ScoringClient
-from tabserve_server.demo_model import bootstrap_embedded_registry, embedded_paths, make_applicants
+from tabserve_demo.applicants import make_applicants
+from tabserve_demo.embedded import bootstrap_embedded_registry, embedded_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tabserve_demo.processes import ServerProcess
 from tests.support import MODEL_NAME, server_settings, wait_for
-from tools.processes import ServerProcess
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:

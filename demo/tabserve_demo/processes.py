@@ -1,4 +1,4 @@
-"""Child processes shared by the tests, the benchmark and the measurement tools.
+"""Child processes shared by the demo tour, the tests, the benchmark and the measurement tools.
 
 - `free_port()`: a loopback port for programs that cannot bind port 0 and report it;
 - `ChildProcess`: a child that announces itself with JSON lines on stdout (first `{"event": "listening", ...ports}`),
@@ -7,7 +7,8 @@
   configured through their environment variables;
 - `MlflowServer`: a real `mlflow server` on loopback, in a session of its own and stopped as a process group.
 
-Not part of the installed packages: importable from the repository root (tests, bench, tools).
+Installed with the demo package (`tabserve_demo.processes`), so the installed tour and the repository's tests,
+bench and tools use the one implementation.
 """
 
 from __future__ import annotations
