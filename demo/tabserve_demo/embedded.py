@@ -28,7 +28,7 @@ from tabserve_demo.registration import (
     registry_client,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("tabserve_demo.embedded")  # not "__main__" under `python -m`
 
 MODEL_NAME = DEFAULT_MODEL_NAME
 MONITOR_ENV_PREFIX = "TABSERVE_MONITOR_"
