@@ -122,7 +122,8 @@ def _listen_addresses(server_args: Sequence[str]) -> list[str]:
     from tabserve_server.settings import ServerSettings
 
     server = ServerSettings.load_or_exit(server_args)
-    return [server.address, server.control_address, server.metrics_address, MonitorSettings.load_or_exit([]).metrics_address]
+    monitor = MonitorSettings.load_or_exit([])
+    return [server.address, server.control_address, server.metrics_address, monitor.metrics_address]
 
 
 def _set_defaults(paths: EmbeddedPaths, tracking_uri: str) -> None:
