@@ -128,6 +128,10 @@ def test_bootstrap_registers_once_and_cli_adds_a_version(tmp_path: Path, capsys:
     assert client.get_model_version("credit-default", "1").status == "READY"
     params = _params(client, "credit-default", "1")
     assert float(params["optimal_threshold"]) == pytest.approx(0.48)
+    tags = client.get_model_version("credit-default", "1").tags
+    assert {k: v for k, v in tags.items() if k.startswith("tabserve.decision.")} == {
+        "tabserve.decision.positive": "decline", "tabserve.decision.negative": "approve"
+    }
 
     assert bootstrap_embedded_registry(data_dir) == uri
     assert _versions(uri, "credit-default") == ["1"]

@@ -34,6 +34,8 @@ def test_demo_tour_end_to_end(tmp_path: Path) -> None:
     assert tour.returncode == 0, f"tour failed ({tour.returncode}):\n{out[-4000:]}\n{err[-4000:]}"
     for number in range(1, 9):
         assert f"[{number}/8] " in out
+    # The decision words come from the version's tags, as the server reports them.
+    assert "(decline when P(default) >= threshold, else approve)" in out
     # The hot reload: version 1 to 2, timed from the alias move, without failed calls.
     switch = re.search(r"switched: version 1 -> version 2, first response from version 2 ([\d.]+)s after", out)
     assert switch, out

@@ -20,6 +20,7 @@ import numpy as np
 
 from tabserve_demo.applicants import FEATURE_NAMES, make_applicants, wrong_feature_names
 from tabserve_demo.training import train_booster
+from tabserve_server.core.loading import NEGATIVE_LABEL_TAG, POSITIVE_LABEL_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -35,7 +36,7 @@ MODEL_ARTIFACT_FILE: Final = "model.lgb"
 BROKEN_MODES: Final = ("missing_artifacts", "wrong_features")
 # What a positive (1) and a negative (0) decision mean for the demo model: P(default) above the threshold
 # declines the applicant. The server reports these labels next to every decision.
-DECISION_TAGS: Final = {"tabserve.decision.positive": "decline", "tabserve.decision.negative": "approve"}
+DECISION_TAGS: Final = {POSITIVE_LABEL_TAG: "decline", NEGATIVE_LABEL_TAG: "approve"}
 # The seed of the version that bootstrap registers: version N of the demo model is trained with seed N.
 BOOTSTRAP_SEED: Final = 1
 _READY_TIMEOUT_S: Final = 300.0

@@ -109,11 +109,12 @@ class Tour:
     def _score_step(self, client: ScoringClient, rows: Any) -> None:
         self._step(3, f"Score {len(rows)} applicants with tabserve_client.ScoringClient")
         batch = _score(client, rows)
+        info = client.model_info()  # the version's words for a decision, from its tabserve.decision.* tags
         detail(f"{'applicant':<10} {'P(default)':>10}  {'decision':<9} version")
         for i, (score, decision) in enumerate(zip(batch.scores, batch.decisions, strict=True), start=1):
-            label = "decline" if decision else "approve"
-            detail(f"{f'#{i}':<10} {score:>10.4f}  {label:<9} {batch.model_version}")
-        detail(f"threshold {batch.threshold:g} (decline when P(default) >= threshold)")
+            detail(f"{f'#{i}':<10} {score:>10.4f}  {info.label(bool(decision)):<9} {batch.model_version}")
+        detail(f"threshold {batch.threshold:g} ({info.positive_label} when P(default) >= threshold, "
+               f"else {info.negative_label})")
         if batch.model_version != self.good:
             raise TourError(f"expected version {self.good} to answer, got {batch.model_version}")
 
