@@ -82,11 +82,13 @@ def bootstrap_embedded_registry(
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     paths.artifacts_dir.mkdir(parents=True, exist_ok=True)
     uri = paths.tracking_uri
+    if not paths.db_file.exists():
+        logger.info("first run: creating the MLflow registry %s, then training and registering the demo model", uri)
     if _has_alias(uri, model_name, DEFAULT_ALIAS):
         logger.info("embedded registry %s already serves %s@%s", uri, model_name, DEFAULT_ALIAS)
         return uri
     started = time.monotonic()
-    logger.info("first run: training and registering the demo %s model in %s (this takes a while)", model_name, uri)
+    logger.info("no %s@%s in %s yet: training and registering a first version", model_name, DEFAULT_ALIAS, uri)
     ensure_experiment(registry_client(uri), paths.artifacts_dir.as_uri())
     version = register_demo_version(uri, model_name, seed=BOOTSTRAP_SEED, threshold=threshold, alias=DEFAULT_ALIAS)
     logger.info("bootstrapped %s version %s@%s in %.1f s", model_name, version, DEFAULT_ALIAS,
