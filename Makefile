@@ -69,7 +69,8 @@ lint: $(STAMP)
 test: $(STAMP) protos-check buf-check alerts-check lint
 	$(PY) -m pytest tests
 
-## run: embedded default: local SQLite registry + demo model under $(DATA)/, server in the foreground
+## run: embedded default: local SQLite registry + demo model under $(DATA)/, server in the foreground;
+## the first run trains and registers the demo model first (about 20 s, with progress lines)
 run: $(STAMP)
 	$(PY) -m tabserve_demo.embedded --data-dir $(DATA)
 

@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 FloatMatrix = npt.NDArray[np.float64]
 IntVector = npt.NDArray[np.int64]
+Columns = dict[str, FloatMatrix]  # feature name -> one value per applicant
 
 _APPLICANT_FEATURES: Final = (
     # applicant and employment
@@ -109,11 +110,8 @@ def _as_float(x: npt.ArrayLike) -> FloatMatrix:
     return np.asarray(x, dtype=np.float64)
 
 
-def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatrix]:
-    """All features without missing values, plus the private "_label_logit" entry."""
-    risk = rng.standard_normal(n)  # latent credit risk of the applicant, never exposed
-    c: dict[str, FloatMatrix] = {}
-
+def _applicant_and_loan(c: Columns, n: int, rng: np.random.Generator, risk: FloatMatrix) -> None:
+    """The applicant, employment and requested-loan columns."""
     age = np.clip(np.round(rng.normal(42.0, 12.0, n)), 18, 85)
     c["age"] = age
     income = np.round(rng.lognormal(math.log(55_000) - 0.15 * risk, 0.5) / 100.0) * 100.0
@@ -143,6 +141,10 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
     c["collateral_value"] = np.round(loan * rng.lognormal(0.0, 0.3, n) * secured, -1)
     c["loan_purpose_code"] = _as_float(rng.integers(0, 8, n))
 
+
+def _bureau(c: Columns, n: int, rng: np.random.Generator, risk: FloatMatrix) -> tuple[FloatMatrix, FloatMatrix]:
+    """The credit-bureau summary columns; returns debt-to-income and utilization before rounding."""
+    age, homeowner = c["age"], c["is_homeowner"]
     dti = np.clip(0.28 + 0.08 * risk + rng.normal(0.0, 0.08, n), 0.0, 1.5)
     c["debt_to_income"] = np.round(dti, 4)
     c["credit_score"] = np.clip(np.round(690.0 - 60.0 * risk + rng.normal(0.0, 30.0, n)), 300, 850)
@@ -177,7 +179,11 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
     c["months_since_oldest_account"] = history
     c["months_since_newest_account"] = np.floor(history * rng.random(n))
     c["num_accounts_opened_12m"] = _as_float(rng.poisson(np.exp(0.3 * risk)))
+    return dti, utilization
 
+
+def _inquiries(c: Columns, n: int, rng: np.random.Generator, risk: FloatMatrix) -> None:
+    """Cumulative bureau inquiries over the last 1, 3, 6, 12 and 24 months."""
     monthly_inquiry_rate = np.exp(-2.0 + 0.5 * risk)
     inquiries = np.zeros(n)
     previous_window = 0
@@ -186,6 +192,10 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
         c[f"bureau_inquiries_{window}m"] = inquiries.copy()
         previous_window = window
 
+
+def _monthly_history(c: Columns, n: int, rng: np.random.Generator, risk: FloatMatrix, utilization: FloatMatrix) -> None:
+    """Twelve months of each monthly family; month m01 is the most recent one."""
+    limit = c["total_credit_limit"]
     late_rate = _sigmoid(-3.2 + 1.0 * risk)
     pay_fraction_mean = 0.5 - 0.8 * risk
     advance_rate = _sigmoid(-2.5 + 0.8 * risk)
@@ -214,8 +224,12 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
         c[f"credit_limit_{suffix}"] = limit_m
         limit_m = np.round(limit_m * np.where(rng.random(n) < 0.03, rng.uniform(0.7, 1.3, n), 1.0), -2)
 
+
+def _label_logit(c: Columns, dti: FloatMatrix, utilization: FloatMatrix) -> FloatMatrix:
+    """The logit of the default probability: a fixed logistic model on a handful of features."""
+    delinquencies = c["num_delinquencies_2y"]
     recent_delay = np.mean([c[f"payment_delay_m{m:02d}"] for m in range(1, 7)], axis=0)
-    c["_label_logit"] = (
+    logit: FloatMatrix = (
         _LABEL_INTERCEPT
         + 0.9 * (dti - 0.28) / 0.12
         - 0.012 * (c["credit_score"] - 690.0)
@@ -225,6 +239,21 @@ def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatri
         + 0.04 * recent_delay
         - 0.4 * np.log(c["annual_income"] / 55_000.0)
     )
+    return logit
+
+
+def _applicant_columns(n: int, rng: np.random.Generator) -> dict[str, FloatMatrix]:
+    """All features without missing values, plus the private "_label_logit" entry.
+
+    The parts draw from `rng` in a fixed order: the same seed gives the same applicants.
+    """
+    risk = rng.standard_normal(n)  # latent credit risk of the applicant, never exposed
+    c: dict[str, FloatMatrix] = {}
+    _applicant_and_loan(c, n, rng, risk)
+    dti, utilization = _bureau(c, n, rng, risk)
+    _inquiries(c, n, rng, risk)
+    _monthly_history(c, n, rng, risk, utilization)
+    c["_label_logit"] = _label_logit(c, dti, utilization)
     return c
 
 
