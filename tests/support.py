@@ -1,11 +1,14 @@
 """Test support: settings of real servers and monitors on port 0, a server child process with its control
-client, /metrics scraping, and waiting helpers.
+client, /metrics scraping, waiting helpers, and the venv of the real tritonclient.
 
 The child processes themselves (server, monitor, `mlflow server`) are in tabserve_demo/processes.py (demo/).
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -149,3 +152,25 @@ class Server:
             return self.process.terminate(grace)
         finally:
             self.process.close()
+
+
+TRITONCLIENT = "tritonclient[grpc]==2.73.0"
+TRITON_VENV = Path(__file__).resolve().parent.parent / ".venv" / "tritonclient"
+
+
+def tritonclient_python() -> Path:
+    """The python of a venv holding the real tritonclient (created on first use, then reused: a stamp file
+    records the installed version). tritonclient needs protobuf < 7, so it cannot share the project's venv."""
+    python = TRITON_VENV / "bin" / "python"
+    stamp = TRITON_VENV / ".installed"
+    if stamp.exists() and stamp.read_text() == TRITONCLIENT and python.exists():
+        return python
+    shutil.rmtree(TRITON_VENV, ignore_errors=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(TRITON_VENV)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", TRITONCLIENT, "numpy"],
+        check=True,
+    )
+    stamp.write_text(TRITONCLIENT)
+    return python

@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,9 @@ from tabserve_client import ScoringClient
 from tabserve_demo.applicants import FEATURE_NAMES, make_applicants
 from tabserve_server.app import ServingApp
 from tabserve_server.transport.inference_v2 import SERVICE_NAME
-from tests.support import MODEL_NAME, server_settings, wait_for
+from tests.support import MODEL_NAME, server_settings, tritonclient_python, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-TRITONCLIENT = "tritonclient[grpc]==2.73.0"
-TRITON_VENV = ROOT / ".venv" / "tritonclient"
 SERVICE = "inference.GRPCInferenceService"
 
 # Runs inside the tritonclient venv: reads a list of operations (JSON on stdin), prints one result each.
@@ -101,26 +97,10 @@ print(json.dumps(results))
 '''
 
 
-def _install_tritonclient() -> Path:
-    python = TRITON_VENV / "bin" / "python"
-    stamp = TRITON_VENV / ".installed"
-    if stamp.exists() and stamp.read_text() == TRITONCLIENT and python.exists():
-        return python
-    shutil.rmtree(TRITON_VENV, ignore_errors=True)
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(TRITON_VENV)], check=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", TRITONCLIENT, "numpy"],
-        check=True,
-    )
-    stamp.write_text(TRITONCLIENT)
-    return python
-
-
 @pytest.fixture(scope="session")
 def triton_python() -> Path:
     """The python of a venv holding the real tritonclient (its protobuf < 7 cannot share ours)."""
-    return _install_tritonclient()
+    return tritonclient_python()
 
 
 @pytest.fixture
