@@ -1,5 +1,11 @@
 """A multi-worker server (workers=2) as real processes against a SQLite registry: one version everywhere,
-two-phase reloads, aggregated status and metrics, worker restarts, SIGTERM."""
+two-phase reloads, aggregated status and metrics, worker restarts, SIGTERM.
+
+Every test passes alone and in any order: the module's registry holds two good versions from the start, the
+tests that share the module's server move it between them and read what it serves instead of assuming it,
+and the SIGTERM test stops a server of its own. The rollout's decisions themselves are tested without
+processes in test_rollout.py.
+"""
 
 from __future__ import annotations
 
@@ -25,11 +31,19 @@ from tabserve_server.core.model import AspiredVersion
 from tests.support import MODEL_NAME, SCORE_METHOD, Server, sample_key, scrape, server_settings, wait_for
 
 ROWS = make_applicants(3, seed=99)[0]
+GOOD = ("1", "2")  # the module registry's good versions; 1 is under the alias `production`
 
 
 @pytest.fixture(scope="module")
 def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return bootstrap_embedded_registry(tmp_path_factory.mktemp("workers-registry"), model_name=MODEL_NAME)
+    uri = bootstrap_embedded_registry(tmp_path_factory.mktemp("workers-registry"), model_name=MODEL_NAME)
+    assert register_demo_version(uri, MODEL_NAME, seed=2, alias=None) == GOOD[1]
+    return uri
+
+
+def other_good(version: str) -> str:
+    """The good version that is not `version`: where a test that needs a reload moves the server."""
+    return GOOD[1] if version == GOOD[0] else GOOD[0]
 
 
 def score_calls(metrics: dict[str, float]) -> float:
@@ -72,18 +86,30 @@ def test_supervised_worker_holds_a_staged_version_until_commit(registry_uri: str
         app.stop(0)
 
 
+def start_settled(registry_uri: str, cache_dir: Path) -> Server:
+    """A 2-worker server on the alias, once both workers serve one good version and accept requests."""
+    server = Server(server_settings(registry_uri, cache_dir, workers=2))
+    try:
+        wait_for(lambda: server.serving() in GOOD and server.settled_on(server.serving()), timeout=120,
+                 interval=0.2, what="both workers serve the alias's version")
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
 @pytest.fixture(scope="module")
 def server(registry_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(server_settings(registry_uri, tmp_path_factory.mktemp("workers-cache"), workers=2))
+    """The module's shared server; each test leaves it settled on a good version."""
+    server = start_settled(registry_uri, tmp_path_factory.mktemp("workers-cache"))
     try:
-        wait_for(lambda: server.settled_on("1"), timeout=120, interval=0.2, what="both workers serve version 1")
         yield server
     finally:
         server.close()
 
 
 def test_every_worker_answers_with_one_version(server: Server) -> None:
-    assert set(versions_over_fresh_channels(server.target, channels=30)) == {"1"}
+    assert set(versions_over_fresh_channels(server.target, channels=30)) == {server.serving()}
     status = server.status()
     pids = {w.pid for w in status.workers}
     assert len(pids) == 2 and os.getpid() not in pids
@@ -106,12 +132,12 @@ def test_metrics_sum_across_workers(server: Server) -> None:
     assert total["tabserve_server_serving"] == 1
     assert total["tabserve_server_model_load_failing"] == 0
     info = [k for k in total if k.startswith("tabserve_server_model_info{")]
-    assert len(info) == 1 and 'model_version="1"' in info[0]
+    assert len(info) == 1 and f'model_version="{status.serving.version}"' in info[0]
 
 
-def test_reload_reaches_all_workers_without_failed_calls(server: Server, registry_uri: str) -> None:
-    version = register_demo_version(registry_uri, MODEL_NAME, seed=2, alias=None)
-    assert version == "2"
+def test_reload_reaches_all_workers_without_failed_calls(server: Server) -> None:
+    before = server.serving()
+    version = other_good(before)
     seen: list[str] = []
     failures: list[BaseException] = []
     done = threading.Event()
@@ -131,7 +157,7 @@ def test_reload_reaches_all_workers_without_failed_calls(server: Server, registr
         wait_for(lambda: len(seen) >= 20, timeout=30, what="first responses")
         response = server.state(version)
         assert not response.already_serving
-        wait_for(lambda: server.settled_on("2"), timeout=90, interval=0.2, what="both workers serve version 2")
+        wait_for(lambda: server.settled_on(version), timeout=90, interval=0.2, what=f"both workers on {version}")
         settled = len(seen)
         wait_for(lambda: len(seen) >= settled + 20, timeout=30, what="responses after the reload")
     finally:
@@ -139,8 +165,8 @@ def test_reload_reaches_all_workers_without_failed_calls(server: Server, registr
         for thread in scorers:
             thread.join(20)
     assert not failures, failures[:3]
-    assert set(seen) == {"1", "2"}
-    assert set(versions_over_fresh_channels(server.target, channels=10)) == {"2"}
+    assert set(seen) == {before, version}
+    assert set(versions_over_fresh_channels(server.target, channels=10)) == {version}
 
 
 @pytest.mark.parametrize(("broken", "explains"), [("missing_artifacts", "missing"), ("wrong_features", "feature")])
@@ -171,9 +197,10 @@ def test_broken_version_is_refused_everywhere(
 
 
 def test_killed_worker_is_restarted_and_serves_the_same_version(server: Server) -> None:
-    version = server.status().serving.version
     before = server.status()
+    version = before.serving.version
     calls_before = score_calls(scrape(server.process.metrics_port))
+    restarts_before = server.metric("tabserve_server_worker_restarts_total")
     victim = before.workers[1].pid
     os.kill(victim, signal.SIGKILL)
 
@@ -182,10 +209,10 @@ def test_killed_worker_is_restarted_and_serves_the_same_version(server: Server) 
         return status if status is not None and status.workers[1].pid != victim else None
 
     status = wait_for(replaced, timeout=120, interval=0.2, what="worker 1 restarted and serving")
-    assert status.workers[1].restarts == 1
+    assert status.workers[1].restarts == before.workers[1].restarts + 1
     assert set(versions_over_fresh_channels(server.target, channels=10)) == {version}
     total = scrape(server.process.metrics_port)
-    assert total["tabserve_server_worker_restarts_total"] == 1
+    assert total["tabserve_server_worker_restarts_total"] == (restarts_before or 0) + 1
     assert total["tabserve_server_workers"] == 2
     # Counters stay monotonic: the dead worker's last scraped counts are carried over.
     assert score_calls(total) >= calls_before
@@ -195,7 +222,7 @@ def test_monitor_sees_one_server_and_moves_every_worker(server: Server, registry
     """The real monitor in front of the supervisor: it states the alias target to the one control address,
     every worker switches, and its probes (health, canary) go through the shared public port."""
     serving = server.status().serving.version
-    target = "1" if serving != "1" else "2"
+    target = other_good(serving)
     MlflowClient(registry_uri, registry_uri).set_registered_model_alias(MODEL_NAME, "production", target)
     monitor = MonitorProcess(
         {"tracking_uri": registry_uri, "model_name": MODEL_NAME, "poll_interval_seconds": 0.5,
@@ -224,12 +251,17 @@ def test_monitor_sees_one_server_and_moves_every_worker(server: Server, registry
         monitor.close()
 
 
-def test_sigterm_drains_every_worker_and_exits_zero(server: Server) -> None:
-    """Last: it stops the module's server."""
-    pids = [w.pid for w in server.status().workers]
-    assert server.process.terminate(60) == 0
-    for pid in pids:
-        wait_for(lambda pid=pid: not _alive(pid), timeout=10, what=f"worker {pid} gone")
+def test_sigterm_drains_every_worker_and_exits_zero(registry_uri: str, tmp_path: Path) -> None:
+    """A server of its own: the test stops it."""
+    server = start_settled(registry_uri, tmp_path / "cache")
+    try:
+        pids = [w.pid for w in server.status().workers]
+        assert len(pids) == 2
+        assert server.process.terminate(60) == 0
+        for pid in pids:
+            wait_for(lambda pid=pid: not _alive(pid), timeout=10, what=f"worker {pid} gone")
+    finally:
+        server.close()
 
 
 def _alive(pid: int) -> bool:

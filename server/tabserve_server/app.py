@@ -65,7 +65,7 @@ def loader_config(settings: ServerSettings) -> LoaderConfig:
 class ServingApp:
     """One server process. `start()` binds every listener and begins loading; `stop()` drains.
 
-    `supervised`: a worker of a multi-worker server (supervisor.py): the public port is shared
+    `supervised`: a worker of a multi-worker server (the supervisor package): the public port is shared
     (SO_REUSEPORT) and nothing is loaded until the supervisor states the aspired version.
     """
 

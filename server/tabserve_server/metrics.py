@@ -95,7 +95,7 @@ class ServerMetrics:
         self.serving = Gauge(
             PREFIX + "serving", "1 when a model is loaded and requests are accepted.", registry=registry
         )
-        # Multi-worker servers: the supervisor's /metrics reports these itself (see supervisor.py).
+        # Multi-worker servers: the supervisor's /metrics reports these itself (see supervisor/metrics.py).
         self.workers = Gauge(PREFIX + "workers", "Worker processes up (1 for a single process).", registry=registry)
         self.workers.set(1)
         self.worker_restarts = Counter(

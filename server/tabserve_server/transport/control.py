@@ -15,7 +15,7 @@ from tabserve_server.core.manager import LoadState, ModelManager
 from tabserve_server.core.model import AspiredVersion, LoadedModel
 from tabserve_server.errors import InvalidInput, PermissionDenied, Unauthenticated
 
-_STATE = {
+LOAD_STATE_MESSAGES = {
     LoadState.IDLE: control_pb2.LOAD_STATE_IDLE,
     LoadState.LOADING: control_pb2.LOAD_STATE_LOADING,
     LoadState.FAILED: control_pb2.LOAD_STATE_FAILED,
@@ -23,7 +23,7 @@ _STATE = {
 }
 
 
-def _timestamp(value: datetime | None) -> Timestamp | None:
+def timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
     stamp = Timestamp()
@@ -61,7 +61,7 @@ def aspired_message(aspired: AspiredVersion) -> Any:
 def _served_message(model: LoadedModel) -> Any:
     return control_pb2.ServedVersion(
         model_name=model.name, version=model.version, source_uri=model.source_uri,
-        loaded_from=model.loaded_from.value, loaded_at=_timestamp(model.loaded_at),
+        loaded_from=model.loaded_from.value, loaded_at=timestamp(model.loaded_at),
     )
 
 
@@ -89,10 +89,10 @@ class ControlServicer(control_pb2_grpc.ModelControlServicer):
     def _status(self) -> Any:
         status = self._manager.status()
         response = control_pb2.GetStatusResponse(
-            load_state=_STATE[status.state],
+            load_state=LOAD_STATE_MESSAGES[status.state],
             last_error=status.last_error,
-            last_error_at=_timestamp(status.last_error_at),
-            next_attempt_at=_timestamp(status.next_attempt_at),
+            last_error_at=timestamp(status.last_error_at),
+            next_attempt_at=timestamp(status.next_attempt_at),
             failed_attempts=status.failed_attempts,
             failed_version=status.failed_version,
             accepting_requests=bool(self._accepting()),
