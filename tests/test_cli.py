@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tabserve_client import ScoringClient
 from tabserve_client.cli import EXIT_CODES_HELP, main
 from tabserve_demo.applicants import FEATURE_NAMES, write_example_applicants
 from tabserve_server.app import ServingApp
+from tests.support import server_settings
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "clients" / "examples" / "applicants.csv"
@@ -328,6 +330,16 @@ def test_readme_lists_the_exit_codes_of_the_help() -> None:
     section = readme.split("### Command-line client", 1)[1].split("\n#", 1)[0]
     documented = re.findall(r"^\| (\d+) \| ", section, flags=re.MULTILINE)
     assert documented == re.findall(r"^  (\d+) ", EXIT_CODES_HELP, flags=re.MULTILINE) == ["0", "1", "2", "130"]
+
+
+def test_health_not_serving_is_exit_1(tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = server_settings(tracking_uri, tmp_path, model_uri="models:/no-such-model@production")
+    app = ServingApp(settings, registry=CollectorRegistry())
+    app.start()
+    try:
+        assert run(["health", "--target", f"127.0.0.1:{app.public_port}"], capsys) == (1, "NOT_SERVING\n", "")
+    finally:
+        app.stop(0)
 
 
 def test_health_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:

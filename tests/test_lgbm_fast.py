@@ -34,10 +34,23 @@ def test_fast_single_row_equals_booster_predict_exactly(booster: lightgbm.Booste
 
 def test_predictor_uses_the_fast_path_for_one_row_and_booster_predict_for_batches(booster: lightgbm.Booster) -> None:
     predictor = LightGBMPredictor(booster, batch_threads=2)
-    assert predictor.fast is not None
+    fast = predictor.fast
+    assert fast is not None
+    single_rows: list[np.ndarray] = []
+
+    class Counting:
+        """The real fast path, counting the rows it is given (the scores alone cannot tell the paths apart)."""
+
+        def predict_one(self, row: np.ndarray) -> float:
+            single_rows.append(row)
+            return fast.predict_one(row)
+
+    predictor.fast = Counting()  # type: ignore[assignment]
     rows = make_applicants(64, seed=12)[0]
     one_by_one = np.concatenate([predictor.predict(rows[i : i + 1]) for i in range(len(rows))])
+    assert len(single_rows) == len(rows)
     assert np.array_equal(one_by_one, predictor.predict(rows))
+    assert len(single_rows) == len(rows)  # the batch went through Booster.predict
     assert np.array_equal(one_by_one, booster.predict(rows, num_threads=1))
     # A column slice is not contiguous: the predictor copies it rather than reading the wrong memory.
     wide = np.asfortranarray(rows[:1])

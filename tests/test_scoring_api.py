@@ -164,6 +164,11 @@ def test_no_model_loaded_is_unavailable(tracking_uri: str, tmp_path: Path) -> No
             err = _error(lambda: client.score(rows(1)))
             assert err.code == grpc.StatusCode.UNAVAILABLE
             assert client.health() == "NOT_SERVING"
+        # The client's retry policy (UNAVAILABLE, 4 attempts) sent the one call four times.
+        refused = app.metrics.registry.get_sample_value(
+            "tabserve_server_requests_total", {"method": "tabserve.scoring.v1.Scoring/Score", "code": "UNAVAILABLE"}
+        )
+        assert refused == 4
         wait_for(lambda: app.manager.status().last_error, what="load failure recorded")
         assert "no-such-model" in app.manager.status().last_error
     finally:
