@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -223,6 +224,12 @@ def test_metrics_count_requests_rows_and_model(app: ServingApp, client: ScoringC
     ) == 1
     assert registry.get_sample_value("tabserve_server_prediction_score_count") == 5
     assert registry.get_sample_value("tabserve_server_request_duration_seconds_count", {"method": method}) == 2
+    assert registry.get_sample_value("tabserve_server_requests_in_flight") == 0
+    model = app.manager.current()
+    assert model is not None
+    assert registry.get_sample_value("tabserve_server_model_loads_total", {"result": "success"}) == 1
+    assert registry.get_sample_value("tabserve_server_model_loaded_timestamp_seconds") == model.loaded_at.timestamp()
+    assert registry.get_sample_value("tabserve_server_model_load_duration_seconds") == model.load_duration_seconds
 
 
 # --- the server's own deadline check ------------------------------------------------------------------
@@ -249,12 +256,14 @@ class _Stall(grpc.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-@pytest.fixture
-def stalled_server(app: ServingApp) -> Iterator[tuple[grpc.Channel, ServerMetrics]]:
-    """The scoring and V2 servicers on the live model, behind the Edge, behind a stall; metrics of their own."""
+@contextlib.contextmanager
+def _serving(app: ServingApp, stall_inside_edge: bool) -> Iterator[tuple[grpc.Channel, ServerMetrics]]:
+    """The scoring and V2 servicers on the live model behind the Edge and a stall (before the Edge, or inside
+    it), with metrics of their own."""
     metrics = ServerMetrics(CollectorRegistry())
     dataplane = DataPlane(app.manager, 1000, metrics.observe_scores)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[_Stall(), Edge(metrics)])
+    interceptors = [Edge(metrics), _Stall()] if stall_inside_edge else [_Stall(), Edge(metrics)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=interceptors)
     scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(dataplane), server)
     inference_v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         inference_v2.InferenceServicer(dataplane, lambda: True), server
@@ -266,6 +275,12 @@ def stalled_server(app: ServingApp) -> Iterator[tuple[grpc.Channel, ServerMetric
             yield channel, metrics
     finally:
         server.stop(0)
+
+
+@pytest.fixture
+def stalled_server(app: ServingApp) -> Iterator[tuple[grpc.Channel, ServerMetrics]]:
+    with _serving(app, stall_inside_edge=False) as served:
+        yield served
 
 
 def _score_call(channel: grpc.Channel, matrix: np.ndarray) -> Callable[[float], Any]:
@@ -311,3 +326,18 @@ def test_the_server_does_not_score_a_call_whose_deadline_has_passed(
     send(STALL_SECONDS * 10)
     assert answered("OK") == 1
     assert metrics.registry.get_sample_value("tabserve_server_rows_scored_total") == 3
+
+
+def test_requests_in_flight_counts_a_call_while_it_runs(app: ServingApp) -> None:
+    with _serving(app, stall_inside_edge=True) as (channel, metrics):
+        call = scoring_pb2_grpc.ScoringStub(channel).Score.future(
+            scoring_pb2.ScoreRequest(dense=scoring_pb2.DenseRows(rows=[scoring_pb2.DenseRow(values=rows(1)[0])])),
+            timeout=STALL_SECONDS * 10,
+        )
+
+        def in_flight() -> float | None:
+            return metrics.registry.get_sample_value("tabserve_server_requests_in_flight")
+
+        wait_for(lambda: in_flight() == 1, timeout=STALL_SECONDS / 2, interval=0.01, what="the call in flight")
+        assert len(call.result().scores) == 1
+        assert in_flight() == 0
