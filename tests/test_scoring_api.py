@@ -205,11 +205,6 @@ def test_control_requires_the_token_when_set(tracking_uri: str, tmp_path: Path) 
         app.stop(0)
 
 
-def test_control_on_a_public_address_without_token_is_refused(tracking_uri: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="control_token"):
-        ServingApp(server_settings(tracking_uri, tmp_path, control_address="0.0.0.0:0"))
-
-
 def test_metrics_count_requests_rows_and_model(app: ServingApp, client: ScoringClient) -> None:
     client.score(rows(5))
     _error(lambda: client.score([]))

@@ -42,6 +42,8 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "address", "localhost", "must be host:port (port 0-65535), got 'localhost'"),
     (ServerSettings, "address", "0.0.0.0:65536", "must be host:port (port 0-65535), got '0.0.0.0:65536'"),
     (ServerSettings, "control_address", "127.0.0.1:ctl", "must be host:port (port 0-65535), got '127.0.0.1:ctl'"),
+    (ServerSettings, "control_address", "0.0.0.0:0", "must be loopback unless --control-token is set, got '0.0.0.0:0'"),
+    (ServerSettings, "control_address", ":50052", "must be loopback unless --control-token is set, got ':50052'"),
     (ServerSettings, "metrics_address", "", "must be host:port (port 0-65535), got ''"),
     (ServerSettings, "model_uri", "", "must be non-empty, got ''"),
     (ServerSettings, "cache_dir", "", "must be non-empty, got ''"),
@@ -100,6 +102,8 @@ def test_every_checked_field_has_a_bad_value_in_the_table() -> None:
         (ServerSettings, {"default_threshold": 1.0, "retry_initial_seconds": 5.0, "retry_max_seconds": 5.0}),
         (ServerSettings, {"address": "[::1]:0", "control_address": "localhost:65535", "metrics_address": ":9100"}),
         (ServerSettings, {"log_level": "debug"}),
+        (ServerSettings, {"control_address": "0.0.0.0:50052", "control_token": "s3cret"}),
+        (ServerSettings, {"control_address": "127.0.0.2:50052", "control_token": ""}),
         (MonitorSettings, {"alias": "", "stage": "Production", "log_level": "warning"}),
         # A shorter back-off than the poll interval only retries sooner after a failure: allowed.
         (MonitorSettings, {"poll_interval_seconds": 300.0, "backoff_max_seconds": 60.0}),

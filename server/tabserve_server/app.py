@@ -21,10 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from tabserve.control.v1 import control_pb2_grpc
 from tabserve.inference.v2 import open_inference_grpc_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from tabserve_common.address import is_loopback
-
-# Re-exported (explicitly, for mypy) while supervisor.py imports it from here.
-from tabserve_common.address import split_address as split_address  # noqa: PLC0414
+from tabserve_common.address import split_address
 from tabserve_common.mlflow_client import configure_mlflow
 from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.core.loading import LoaderConfig, ModelLoader, model_name_from_uri
@@ -41,13 +38,6 @@ from tabserve_server.transport.scoring import ScoringServicer
 log = logging.getLogger(__name__)
 
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"].full_name
-
-
-def check_control_address(settings: ServerSettings) -> None:
-    """The control service may listen beyond loopback only with a token."""
-    host, _ = split_address(settings.control_address)
-    if not is_loopback(host) and not settings.control_token:
-        raise ValueError(f"control_address {settings.control_address} is not loopback: set control_token")
 
 
 def loader_config(settings: ServerSettings) -> LoaderConfig:
@@ -77,7 +67,6 @@ class ServingApp:
         registry: CollectorRegistry | None = None,
         supervised: bool = False,
     ) -> None:
-        check_control_address(settings)
         self.settings = settings
         self.supervised = supervised
         self.metrics = ServerMetrics(registry or CollectorRegistry())

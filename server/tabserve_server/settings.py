@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from tabserve_common.address import is_loopback, split_address
 from tabserve_common.settings import LOG_LEVELS, Settings, setting
 
 ENV_PREFIX = "TABSERVE_SERVER_"
@@ -69,6 +70,10 @@ class ServerSettings(Settings):
     log_level: str = setting("INFO", "Logging level (any case).", choices=LOG_LEVELS)
 
     def check(self) -> None:
+        if not self.control_token and not is_loopback(split_address(self.control_address)[0]):
+            raise self.invalid(
+                "control_address", "must be loopback unless --control-token is set", self.control_address
+            )
         if self.retry_initial_seconds > self.retry_max_seconds:
             raise self.invalid(
                 "retry_initial_seconds", f"must be <= --retry-max-seconds ({self.retry_max_seconds})",

@@ -18,8 +18,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from tabserve.control.v1 import control_pb2_grpc
 from tabserve_client.control import ControlClient, ControlError
-from tabserve_common.address import split_address
-from tabserve_server.app import check_control_address
+from tabserve_common.address import join_address, split_address
 from tabserve_server.core.loading import model_name_from_uri
 from tabserve_server.core.model import AspiredVersion
 from tabserve_server.settings import ServerSettings
@@ -36,7 +35,6 @@ from tabserve_server.supervisor.workers import (
     RPC_TIMEOUT_SECONDS,
     START_TIMEOUT_SECONDS,
     Worker,
-    host_port,
     reserve_port,
     stop_workers,
     worker_settings,
@@ -54,7 +52,6 @@ class Supervisor:
     """A server of `workers` processes; same `start()`/`stop()` and ports as ServingApp (contract: __init__.py)."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        check_control_address(settings)
         self.settings = settings
         self.count = settings.workers if settings.workers > 0 else (os.cpu_count() or 1)
         self._workers = [Worker(i) for i in range(self.count)]
@@ -106,7 +103,7 @@ class Supervisor:
         if not port:  # hold a free port for the workers to share, as long as this server lives
             self._reservation = reserve_port(host)
             port = self._reservation.getsockname()[1]
-            self._public_address = host_port(host, port)
+            self._public_address = join_address(host, port)
         for worker in self._workers:
             worker.spawn(self._settings_of(worker))
         deadline = time.monotonic() + START_TIMEOUT_SECONDS

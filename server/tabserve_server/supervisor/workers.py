@@ -27,10 +27,6 @@ RESTART_BACKOFF_MAX_SECONDS = 30.0
 STABLE_SECONDS = 30.0  # a worker up this long resets its restart back-off
 
 
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def reserve_port(host: str) -> socket.socket:
     """A socket bound to a free port of `host` with SO_REUSEPORT, not listening (after grpc's
     examples/python/multiprocessing `_reserve_port`): while it is open the port stays this server's, and the
