@@ -137,7 +137,10 @@ def test_bootstrap_registers_once_and_cli_adds_a_version(tmp_path: Path, capsys:
     assert _versions(uri, "credit-default") == ["1"]
 
     assert new_version.main(["--data-dir", str(data_dir), "--set-alias", "production"]) == 0
-    assert "registered credit-default version 2 (alias production -> 2)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training a new version of credit-default, then moving alias production to it" in out
+    assert "registered credit-default version 2 (alias production -> 2)" in out
+    assert "moved alias production from version 1 to version 2: a server following " in out
     assert _production(client, "credit-default") == "2"
     assert _params(client, "credit-default", "2")["seed"] == "2"
 
