@@ -272,26 +272,9 @@ _help_layout: Final[dict[str, Any]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--target",
-        default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
-        help=f"host:port of the scoring server (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
-    )
-    common.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=DEFAULT_TIMEOUT_S,
-        help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
-    )
-    parser = argparse.ArgumentParser(
-        prog="tabserve-client",
-        description="Command-line client of a tabserve scoring server.",
-        **_help_layout,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_score_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     score = commands.add_parser(
         "score",
         parents=[common],
@@ -326,6 +309,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rows per request (default: {DEFAULT_BATCH_SIZE})",
     )
     score.set_defaults(handler=_cmd_score)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
+        help=f"host:port of the scoring server (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
+    )
+    common.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="tabserve-client",
+        description="Command-line client of a tabserve scoring server.",
+        **_help_layout,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_score_command(commands, common)
 
     info = commands.add_parser("info", parents=[common], help="show the live model version", **_help_layout)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
