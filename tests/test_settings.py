@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from tabserve_demo.processes import prefixed_env
 from tabserve_monitor.settings import MonitorSettings
 from tabserve_server.settings import ServerSettings
 
+NEEDS_TOKEN = "must be loopback unless a control token is set"
 # (settings class, field, text given, what the error says after "invalid --flag / VARIABLE: ")
 BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "workers", "-3", "must be >= 0, got -3"),
@@ -42,8 +44,17 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "address", "localhost", "must be host:port (port 0-65535), got 'localhost'"),
     (ServerSettings, "address", "0.0.0.0:65536", "must be host:port (port 0-65535), got '0.0.0.0:65536'"),
     (ServerSettings, "control_address", "127.0.0.1:ctl", "must be host:port (port 0-65535), got '127.0.0.1:ctl'"),
-    (ServerSettings, "control_address", "0.0.0.0:0", "must be loopback unless --control-token is set, got '0.0.0.0:0'"),
-    (ServerSettings, "control_address", ":50052", "must be loopback unless --control-token is set, got ':50052'"),
+    (ServerSettings, "control_address", "0.0.0.0:0", f"{NEEDS_TOKEN} (--control-token-file or "
+     "TABSERVE_SERVER_CONTROL_TOKEN), got '0.0.0.0:0'"),
+    (ServerSettings, "control_address", ":50052", f"{NEEDS_TOKEN} (--control-token-file or "
+     "TABSERVE_SERVER_CONTROL_TOKEN), got ':50052'"),
+    (ServerSettings, "health_address", "health", "must be host:port (port 0-65535) or empty, got 'health'"),
+    (ServerSettings, "tls_cert_file", "tls.crt", "needs --tls-key-file set too, got 'tls.crt'"),
+    (ServerSettings, "tls_key_file", "tls.key", "needs --tls-cert-file set too, got 'tls.key'"),
+    (ServerSettings, "tls_client_ca_file", "ca.crt", "needs --tls-cert-file set too, got 'ca.crt'"),
+    (ServerSettings, "allowed_callers", "scorer", "needs --tls-client-ca-file set too, got 'scorer'"),
+    (ServerSettings, "metrics_cert_file", "m.crt", "needs --metrics-key-file set too, got 'm.crt'"),
+    (ServerSettings, "metrics_key_file", "m.key", "needs --metrics-cert-file set too, got 'm.key'"),
     (ServerSettings, "metrics_address", "", "must be host:port (port 0-65535), got ''"),
     (ServerSettings, "model_uri", "", "must be non-empty, got ''"),
     (ServerSettings, "cache_dir", "", "must be non-empty, got ''"),
@@ -55,6 +66,12 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (MonitorSettings, "backoff_max_seconds", "0", "must be > 0, got 0.0"),
     (MonitorSettings, "rpc_timeout_seconds", "0", "must be > 0, got 0.0"),
     (MonitorSettings, "control_address", "server", "must be host:port (port 0-65535), got 'server'"),
+    (MonitorSettings, "control_address", "10.0.0.5:50052", f"{NEEDS_TOKEN} (--control-token-file or "
+     "TABSERVE_MONITOR_CONTROL_TOKEN), got '10.0.0.5:50052'"),
+    (MonitorSettings, "tls_cert_file", "client.crt", "needs --tls-key-file set too, got 'client.crt'"),
+    (MonitorSettings, "tls_key_file", "client.key", "needs --tls-cert-file set too, got 'client.key'"),
+    (MonitorSettings, "tls", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),
+    (MonitorSettings, "metrics_cert_file", "m.crt", "needs --metrics-key-file set too, got 'm.crt'"),
     (MonitorSettings, "public_address", "server:", "must be host:port (port 0-65535), got 'server:'"),
     (MonitorSettings, "metrics_address", ":-1", "must be host:port (port 0-65535), got ':-1'"),
     (MonitorSettings, "model_name", "", "must be non-empty, got ''"),
@@ -102,8 +119,13 @@ def test_every_checked_field_has_a_bad_value_in_the_table() -> None:
         (ServerSettings, {"default_threshold": 1.0, "retry_initial_seconds": 5.0, "retry_max_seconds": 5.0}),
         (ServerSettings, {"address": "[::1]:0", "control_address": "localhost:65535", "metrics_address": ":9100"}),
         (ServerSettings, {"log_level": "debug"}),
-        (ServerSettings, {"control_address": "0.0.0.0:50052", "control_token": "s3cret"}),
-        (ServerSettings, {"control_address": "127.0.0.2:50052", "control_token": ""}),
+        (ServerSettings, {"control_address": "0.0.0.0:50052", "control_token_file": "/run/secrets/token",
+                          "tls_cert_file": "tls.crt", "tls_key_file": "tls.key"}),
+        (ServerSettings, {"control_address": "127.0.0.2:50052", "health_address": ""}),
+        (ServerSettings, {"tls_cert_file": "tls.crt", "tls_key_file": "tls.key", "tls_client_ca_file": "ca.crt",
+                          "allowed_callers": "a, b", "health_address": "0.0.0.0:8080"}),
+        (MonitorSettings, {"control_address": "10.0.0.5:50052", "control_token_file": "/run/secrets/token",
+                           "tls": True, "tls_cert_file": "c.crt", "tls_key_file": "c.key"}),
         (MonitorSettings, {"alias": "", "stage": "Production", "log_level": "warning"}),
         # A shorter back-off than the poll interval only retries sooner after a failure: allowed.
         (MonitorSettings, {"poll_interval_seconds": 300.0, "backoff_max_seconds": 60.0}),
@@ -164,6 +186,9 @@ def test_boolean_forms(
         ("tabserve_monitor", [], {"poll_interval_seconds": "0"},
          "tabserve-monitor: invalid --poll-interval-seconds / TABSERVE_MONITOR_POLL_INTERVAL_SECONDS: "
          "must be > 0, got 0.0"),
+        ("tabserve_server", ["--control-token=s3cret"], {},
+         "tabserve-server: --control-token is not accepted: a secret on the command line shows in every process "
+         "list; use --control-token-file FILE or the environment variable TABSERVE_SERVER_CONTROL_TOKEN"),
     ],
 )
 def test_the_process_exits_2_with_one_line(module: str, argv: list[str], values: dict[str, str], line: str) -> None:
@@ -173,3 +198,34 @@ def test_the_process_exits_2_with_one_line(module: str, argv: list[str], values:
         timeout=120, check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (2, "", line + "\n")
+
+
+@pytest.mark.parametrize("cls", [ServerSettings, MonitorSettings])
+def test_the_control_token_is_never_a_flag_and_comes_from_a_file_or_the_environment(
+    cls: type[ServerSettings] | type[MonitorSettings], tmp_path: Path
+) -> None:
+    variable = cls.env_name("control_token")
+    for argv in (["--control-token=s3cret"], ["--control-token", "s3cret"], ["--control-token"]):
+        with pytest.raises(SettingsError) as caught:
+            cls.load(argv, {})
+        assert str(caught.value) == (
+            "--control-token is not accepted: a secret on the command line shows in every process list; "
+            f"use --control-token-file FILE or the environment variable {variable}")
+    assert cls.load([], {variable: "from-env"}).control_token_value() == "from-env"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert cls.load([f"--control-token-file={token_file}"], {}).control_token_value() == "from-file"
+    with pytest.raises(SettingsError) as missing:
+        cls.load([f"--control-token-file={tmp_path / 'absent'}"], {}).control_token_value()
+    assert str(missing.value) == f"cannot read the control token file {tmp_path / 'absent'}: No such file or directory"
+    with pytest.raises(SettingsError) as both:
+        cls.load([f"--control-token-file={token_file}"], {variable: "from-env"})
+    assert "must be empty when --control-token-file is set" in str(both.value) and "from-env" not in str(both.value)
+    assert "from-env" not in repr(cls.load([], {variable: "from-env"}))
+
+
+def test_a_control_port_off_loopback_needs_tls_too() -> None:
+    with pytest.raises(SettingsError) as caught:
+        ServerSettings.load(["--control-address=0.0.0.0:50052"], {"TABSERVE_SERVER_CONTROL_TOKEN": "s3cret"})
+    assert str(caught.value) == ("invalid --control-address / TABSERVE_SERVER_CONTROL_ADDRESS: must be loopback "
+                                 "unless --tls-cert-file is set, got '0.0.0.0:50052'")

@@ -1,5 +1,6 @@
 """Python clients of tabserve: scoring (public port) and control (the monitor's API); grpcio, protobuf, numpy only."""
 
+from tabserve_client.channel import TlsOptions
 from tabserve_client.client import Feature, ModelInfo, ScoreBatch, ScoringClient, ScoringError
 from tabserve_client.control import ControlClient, ControlError, aspired_version
 
@@ -11,5 +12,6 @@ __all__ = [
     "ScoreBatch",
     "ScoringClient",
     "ScoringError",
+    "TlsOptions",
     "aspired_version",
 ]

@@ -1,11 +1,55 @@
-"""The base of the clients: one gRPC channel, closed with the client when the client opened it."""
+"""The base of the clients: one gRPC channel (plaintext or TLS), closed with the client when the client opened it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import grpc
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS of a client's channel; files are PEM and read when the channel is opened.
+
+    Attributes:
+        ca_file: CA certificates that verify the server's certificate; empty: the system's trusted roots.
+        cert_file: the client's own certificate chain, for a server that requires mutual TLS (with ``key_file``).
+        key_file: the private key of ``cert_file``.
+        server_name: the name checked against the server's certificate instead of the target's host (for a
+            target given by IP address, or a certificate issued for the service's DNS name).
+    """
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("TlsOptions: cert_file and key_file go together (both or neither)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file), private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file),
+        )
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def open_channel(target: str, options: Sequence[tuple[str, Any]] = (), tls: TlsOptions | None = None) -> grpc.Channel:
+    """A channel to `target`: TLS with `tls`, plaintext without."""
+    if tls is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.channel_options()])
 
 
 class ChannelClient:

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from tabserve.control.v1 import control_pb2, control_pb2_grpc
-from tabserve_client.channel import ChannelClient
+from tabserve_client.channel import ChannelClient, TlsOptions, open_channel
 
 # models:/NAME/VERSION, models:/NAME/STAGE or models:/NAME@ALIAS (the server's grammar, core/loading.py).
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))$")
@@ -75,22 +75,29 @@ class ControlClient(ChannelClient):
     Every method returns the generated response message (``control_pb2.*Response``, see
     protos/tabserve/control/v1/control.proto for the fields) and raises `ControlError` on failure.
 
+    A control port bound anywhere but loopback speaks TLS and requires the token::
+
+        tls = TlsOptions(ca_file="/etc/tabserve/ca.crt", server_name="tabserve.example")
+        with ControlClient("10.0.0.5:50052", token=token_from_a_file, tls=tls) as control:
+            ...
+
     Args:
         address: ``host:port`` of the control port.
         token: the bearer token the server requires (``control_token``); empty sends no credentials.
         timeout: default deadline of each call, in seconds.
         channel: an existing channel to use instead of creating one (not closed by ``close()``).
+        tls: speak TLS to the control port (the server's CA, a server name override); None: plaintext, as on
+            loopback. Ignored when ``channel`` is given.
     """
 
     def __init__(
         self, address: str = "127.0.0.1:50052", *, token: str = "", timeout: float = 5.0,
-        channel: grpc.Channel | None = None,
+        channel: grpc.Channel | None = None, tls: TlsOptions | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self._metadata: Sequence[tuple[str, str]] = (("authorization", f"Bearer {token}"),) if token else ()
-        super().__init__(channel or grpc.insecure_channel(address, options=list(RECONNECT_OPTIONS)),
-                         own=channel is None)
+        super().__init__(channel or open_channel(address, RECONNECT_OPTIONS, tls), own=channel is None)
         self._stub = control_pb2_grpc.ModelControlStub(self._channel)  # type: ignore[no-untyped-call]
 
     def status(self, *, timeout: float | None = None) -> control_pb2.GetStatusResponse:

@@ -2,7 +2,9 @@
 
 A process declares a frozen dataclass deriving from `Settings` whose fields are `setting(...)`s. A field's
 allowed values are declared with it (`minimum=`, `above=`, `address=`, ...); relations between fields go in
-the class's `check()`. Every instance is checked however it is built (`load()`, the constructor,
+the class's `check()`. A secret (`env_only=True`) is read from its variable only: a flag would show its
+value in any process list, so the flag is refused with a message naming the variable and the `<name>_file`
+setting when there is one. Every instance is checked however it is built (`load()`, the constructor,
 `dataclasses.replace`), and a bad value raises `SettingsError`, one line naming the flag and the variable.
 """
 
@@ -42,15 +44,20 @@ def setting(
     choices: Sequence[str] = (),
     address: bool = False,
     non_empty: bool = False,
+    allow_empty: bool = False,
+    env_only: bool = False,
 ) -> Any:
     """A settings field: its default, its documentation (--help, README table) and the values it may take.
 
     `minimum` / `maximum`: inclusive bounds; `above`: exclusive lower bound; `choices`: allowed words (any
-    case); `address`: `host:port` with a port in 0..65535; `non_empty`: the empty string is refused.
+    case); `address`: `host:port` with a port in 0..65535 (or empty, with `allow_empty`: "no listener");
+    `non_empty`: the empty string is refused; `env_only`: a secret, taken from the environment variable only
+    (its flag is refused).
     """
     rules = {"minimum": minimum, "above": above, "maximum": maximum, "choices": tuple(choices),
-             "address": address, "non_empty": non_empty}
-    return field(default=default, metadata={"help": help, **rules})
+             "address": address, "non_empty": non_empty, "allow_empty": allow_empty, "env_only": env_only}
+    # A secret stays out of the settings' repr, so logging the settings never logs it.
+    return field(default=default, metadata={"help": help, **rules}, repr=not env_only)
 
 
 def _is_address(value: Any) -> bool:
@@ -74,7 +81,9 @@ def _rules(meta: Mapping[str, Any]) -> list[tuple[str, Callable[[Any], bool]]]:
         rules.append((f"<= {maximum}", lambda v: v <= maximum))
     if choices:
         rules.append(("one of " + ", ".join(choices), lambda v: str(v).upper() in choices))
-    if meta.get("address"):
+    if meta.get("address") and meta.get("allow_empty"):
+        rules.append(("host:port (port 0-65535) or empty", lambda v: v == "" or _is_address(v)))
+    elif meta.get("address"):
         rules.append(("host:port (port 0-65535)", _is_address))
     if meta.get("non_empty"):
         rules.append(("non-empty", bool))
@@ -138,6 +147,21 @@ class Settings:
     def check(self) -> None:
         """Relations between fields (a field's own range is declared with it); raise `self.invalid(...)`."""
 
+    def require_together(self, name: str, other: str) -> None:
+        """Two settings that mean something only as a pair (a certificate and its key): both set or neither."""
+        self.require(name, other)
+        self.require(other, name)
+
+    def require(self, name: str, needed: str) -> None:
+        """`name`, when set, needs `needed` set too (e.g. a client CA needs the server's own certificate)."""
+        if getattr(self, name) and not getattr(self, needed):
+            raise self.invalid(name, f"needs {_flag(needed)} set too", getattr(self, name))
+
+    def exclusive(self, name: str, other: str) -> None:
+        """Two ways of giving one thing (a secret's value and its file): at most one of them."""
+        if getattr(self, name) and getattr(self, other):
+            raise self.invalid(name, f"must be empty when {_flag(other)} is set", "(hidden)")
+
     @classmethod
     def env_name(cls, name: str) -> str:
         return cls.env_prefix + name.upper()
@@ -174,11 +198,31 @@ class Settings:
             raise SystemExit(2) from None
 
 
+def _secret_refusal(cls: type[Settings], name: str) -> type[argparse.Action]:
+    """The action of an `env_only` field's flag: refuse, saying where the secret goes instead."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    instead = f"{_flag(name + '_file')} FILE or " if name + "_file" in names else ""
+
+    class Refuse(argparse.Action):
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+            raise SettingsError(
+                f"{_flag(name)} is not accepted: a secret on the command line shows in every process list; "
+                f"use {instead}the environment variable {cls.env_name(name)}"
+            )
+
+    return Refuse
+
+
 def _parser(cls: type[Settings]) -> argparse.ArgumentParser:
-    """Every field as a flag taking text (converted by `load`); booleans also as bare switches."""
+    """Every field as a flag taking text (converted by `load`); booleans also as bare switches; the flag of an
+    `env_only` field refuses any value."""
     parser = _Parser(prog=cls.program or None, description=cls.__doc__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("env_only"):
+            parser.add_argument(_flag(f.name), dest=f.name, nargs="?", action=_secret_refusal(cls, f.name),
+                                help=f"refused: set {cls.env_name(f.name)} instead (a secret)")
+            continue
         switch: dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "BOOL"}
         parser.add_argument(
             _flag(f.name),
@@ -202,8 +246,9 @@ def settings_table(cls: type[Settings]) -> str:
     hints = typing.get_type_hints(cls)
     lines = ["| flag | environment variable | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
     for f in dataclasses.fields(cls):
+        flag = "(environment only)" if f.metadata.get("env_only") else f"`{_flag(f.name)}`"
         lines.append(
-            f"| `{_flag(f.name)}` | `{cls.env_name(f.name)}` | `{f.default!r}` | {_allowed(hints[f.name], f.metadata)} "
+            f"| {flag} | `{cls.env_name(f.name)}` | `{f.default!r}` | {_allowed(hints[f.name], f.metadata)} "
             f"| {f.metadata.get('help', '')} |"
         )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from prometheus_client import start_http_server
 
 from tabserve_common.address import split_address
+from tabserve_common.settings import SettingsError
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.settings import MonitorSettings
 
@@ -26,11 +27,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     host, port = split_address(settings.metrics_address)
     try:
-        metrics_server, _ = start_http_server(port, addr=host)
+        monitor = Monitor(settings)
+        metrics_server, _ = start_http_server(port, addr=host, certfile=settings.metrics_cert_file or None,
+                                              keyfile=settings.metrics_key_file or None)
+    except SettingsError as exc:
+        logging.getLogger("tabserve_monitor").error("cannot start: %s", exc)
+        return 2
     except OSError as exc:
         logging.getLogger("tabserve_monitor").error("cannot listen on %s: %s", settings.metrics_address, exc)
         return 2
-    monitor = Monitor(settings)
     # One machine-readable line, so scripts and tests that bind port 0 learn the port.
     print(json.dumps({"event": "listening", "metrics_port": metrics_server.server_port}), flush=True)
     # The loop runs in a daemon thread: a signal ends the process at once, even mid-poll.

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tabserve.control.v1 import control_pb2
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tabserve_client.channel import open_channel
 from tabserve_client.control import RECONNECT_OPTIONS, ControlClient, ControlError, aspired_version
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import Problem, RegistryError, RegistryWatcher, Resolution, Target
@@ -57,10 +58,10 @@ class Monitor:
             settings.tracking_uri, settings.model_name, alias=settings.alias, stage=settings.stage,
             timeout_seconds=settings.rpc_timeout_seconds, audit_interval_seconds=settings.audit_interval_seconds,
         )
-        self._control = ControlClient(settings.control_address, token=settings.control_token,
-                                      timeout=settings.rpc_timeout_seconds)
+        self._control = ControlClient(settings.control_address, token=settings.control_token_value(),
+                                      timeout=settings.rpc_timeout_seconds, tls=settings.control_tls())
         # Reconnect quickly to a (re)starting server, as the control client does.
-        self._public_channel = grpc.insecure_channel(settings.public_address, options=list(RECONNECT_OPTIONS))
+        self._public_channel = open_channel(settings.public_address, RECONNECT_OPTIONS, settings.public_tls())
         self._health = health_pb2_grpc.HealthStub(self._public_channel)
         self._scoring = scoring_pb2_grpc.ScoringStub(self._public_channel)
         self._canary_request: Any = None  # sized for the version in `_canary_version`

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from tabserve_client.channel import TlsOptions
+from tabserve_common.address import is_loopback, split_address
+from tabserve_common.secrets import read_secret
 from tabserve_common.settings import LOG_LEVELS, Settings, setting
 
 ENV_PREFIX = "TABSERVE_MONITOR_"
@@ -29,11 +32,26 @@ class MonitorSettings(Settings):
         above=0,
     )
     control_address: str = setting(
-        "127.0.0.1:50052", "Control listener of the server (SetAspiredVersion, GetStatus).", address=True
+        "127.0.0.1:50052", "Control listener of the server (SetAspiredVersion, GetStatus): plaintext on loopback; "
+        "any other address is spoken to over TLS (verified with tls_ca_file) and needs a control token.",
+        address=True,
     )
-    control_token: str = setting("", "Bearer token sent on control calls; empty: none.")
+    control_token: str = setting(
+        "", "Bearer token sent on control calls; empty: none. A secret: environment only.", env_only=True
+    )
+    control_token_file: str = setting("", "File holding the control token (e.g. a mounted Secret).")
     public_address: str = setting(
         "127.0.0.1:50051", "Public listener of the server, probed with grpc.health.v1.", address=True
+    )
+    tls: bool = setting(False, "Speak TLS to the public port (health probe and canary).")
+    tls_ca_file: str = setting(
+        "", "PEM CA certificates that verify the server's certificate (public port, and a control port off "
+        "loopback); empty: the system's trusted roots."
+    )
+    tls_cert_file: str = setting("", "PEM client certificate for a public port with mutual TLS (with tls_key_file).")
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file.")
+    tls_server_name: str = setting(
+        "", "Name to check in the server's certificate instead of the address's host; empty: the host."
     )
     canary: bool = setting(
         True, "Each poll, score one all-missing row (NaN = missing) on the public port and record the result."
@@ -41,6 +59,10 @@ class MonitorSettings(Settings):
     metrics_address: str = setting(
         "0.0.0.0:9101", "Prometheus /metrics listener (host:port; port 0 picks one).", address=True
     )
+    metrics_cert_file: str = setting(
+        "", "PEM certificate chain: serve /metrics over HTTPS (with metrics_key_file); empty: plain HTTP."
+    )
+    metrics_key_file: str = setting("", "PEM private key of metrics_cert_file.")
     backoff_max_seconds: float = setting(60.0, "Longest wait between polls after consecutive failures.", above=0)
     rpc_timeout_seconds: float = setting(
         5.0, "Deadline of each call to the server and of one registry HTTP request.", above=0
@@ -50,3 +72,30 @@ class MonitorSettings(Settings):
     def check(self) -> None:
         if not self.alias and not self.stage:
             raise self.invalid("alias", "must be non-empty unless --stage is set", self.alias)
+        self.require_together("tls_cert_file", "tls_key_file")
+        self.require_together("metrics_cert_file", "metrics_key_file")
+        self.exclusive("control_token", "control_token_file")
+        if not self.control_on_loopback and not (self.control_token or self.control_token_file):
+            raise self.invalid("control_address", "must be loopback unless a control token is set "
+                               "(--control-token-file or TABSERVE_MONITOR_CONTROL_TOKEN)", self.control_address)
+
+    @property
+    def control_on_loopback(self) -> bool:
+        return is_loopback(split_address(self.control_address)[0])
+
+    def public_tls(self) -> TlsOptions | None:
+        """TLS towards the public port; None: plaintext."""
+        if not self.tls:
+            return None
+        return TlsOptions(self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.tls_server_name)
+
+    def control_tls(self) -> TlsOptions | None:
+        """TLS towards the control port: off loopback only (as the server binds it), server authentication only."""
+        if self.control_on_loopback:
+            return None
+        return TlsOptions(self.tls_ca_file, server_name=self.tls_server_name)
+
+    def control_token_value(self) -> str:
+        """The control token, from control_token_file or the environment ('' for none); SettingsError when the
+        file cannot be read."""
+        return read_secret(self.control_token, self.control_token_file, "control token")

@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     # One machine-readable line, so scripts and tests that bind port 0 learn the ports.
     print(json.dumps({"event": "listening", "public_port": app.public_port, "control_port": app.control_port,
-                      "metrics_port": app.metrics_port}), flush=True)
+                      "metrics_port": app.metrics_port, "health_port": app.health_port}), flush=True)
     while not stop.wait(0.5):
         pass
     app.stop()

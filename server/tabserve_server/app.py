@@ -1,8 +1,9 @@
 """Wires the server process: core (loader, manager, data plane), gRPC listeners, health, metrics, shutdown.
 
-Listeners: the public port (scoring API, health, reflection), the control port (loopback unless a
-token is set) and the Prometheus endpoint. Health is NOT_SERVING until the first model is loaded,
-SERVING after, and NOT_SERVING again from the moment shutdown starts.
+Listeners (secured as listeners.py says): the public port (scoring API, V2, health, reflection), the
+optional plaintext health port (grpc.health.v1 only), the control port and the Prometheus endpoint.
+Health is NOT_SERVING until the first model is loaded, SERVING after, and NOT_SERVING again from the
+moment shutdown starts; the health port answers from the same health servicer.
 """
 
 from __future__ import annotations
@@ -16,24 +17,26 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from tabserve.control.v1 import control_pb2_grpc
 from tabserve.inference.v2 import open_inference_grpc_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from tabserve_common.address import split_address
 from tabserve_common.mlflow_client import configure_mlflow
 from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.core.loading import LoaderConfig, ModelLoader, model_name_from_uri
 from tabserve_server.core.manager import LoadState, ModelManager
 from tabserve_server.core.model import AspiredVersion, LoadedModel
+from tabserve_server.listeners import control_tls, public_tls, start_metrics_server
 from tabserve_server.metrics import ServerMetrics
 from tabserve_server.settings import ServerSettings
 from tabserve_server.transport.control import ControlServicer
 from tabserve_server.transport.edge import Edge
+from tabserve_server.transport.identity import CallerPolicy
 from tabserve_server.transport.inference_v2 import SERVICE_NAME as INFERENCE_SERVICE
 from tabserve_server.transport.inference_v2 import InferenceServicer
 from tabserve_server.transport.scoring import ScoringServicer
+from tabserve_server.transport.tls import bind
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,9 @@ class ServingApp:
         self._stopped = threading.Event()
         self._public: Any = None
         self._control: Any = None
+        self._health_server: Any = None
         self._metrics_server: Any = None
-        self.public_port = self.control_port = self.metrics_port = 0
+        self.public_port = self.control_port = self.metrics_port = self.health_port = 0
 
     def accepting(self) -> bool:
         return self._accepting
@@ -98,14 +102,58 @@ class ServingApp:
         config = self.loader.config
         configure_mlflow(config.tracking_uri, config.registry_uri, config.registry_timeout_seconds)
         s = self.settings
+        token = s.control_token_value()
+        self._start_public()
+        if s.health_address:
+            self._health_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                options=[("grpc.so_reuseport", 1 if self.supervised else 0)],
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(s.health_address)
+
+        self._control = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="control"),
+            interceptors=[Edge(None)],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        control_pb2_grpc.add_ModelControlServicer_to_server(
+            ControlServicer(self.manager, token, self.accepting), self._control
+        )
+        self.control_port = bind(self._control, s.control_address, control_tls(s))
+
+        self._metrics_server = start_metrics_server(s, self.metrics.registry)
+        self.metrics_port = self._metrics_server.server_port
+
+        self.manager.on_swap(self.metrics.model_swapped)
+        self.manager.on_swap(self._on_swap)
+        self.manager.on_load(self.metrics.load_finished)
+        self.metrics.model_load_failing.set_function(
+            lambda: float(self.manager.status().state is LoadState.FAILED)
+        )
+        for server in (self._public, self._health_server, self._control):
+            if server is not None:
+                server.start()
+        self.manager.start()
+        if self.supervised:
+            return
+        self.manager.set_aspired(
+            AspiredVersion(model_name=s.model_name or model_name_from_uri(s.model_uri), version="",
+                           model_uri=s.model_uri)
+        )
+
+    def _start_public(self) -> None:
+        """The public listener (not yet started): scoring, V2, health and reflection, behind the Edge."""
+        s = self.settings
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if self.supervised else 0),
         ]
+        allowed = s.allowed_caller_set()
         self._public = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.max_workers, thread_name_prefix="public"),
-            interceptors=[Edge(self.metrics, self.accepting)],
+            interceptors=[Edge(self.metrics, self.accepting, CallerPolicy(allowed) if allowed else None)],
             options=options,
             maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
         )
@@ -117,37 +165,7 @@ class ServingApp:
         names = [*self.public_services, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self._public)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.public_port = self._public.add_insecure_port(s.address)
-
-        self._control = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="control"),
-            interceptors=[Edge(None)],
-            options=[("grpc.so_reuseport", 0)],
-        )
-        control_pb2_grpc.add_ModelControlServicer_to_server(
-            ControlServicer(self.manager, s.control_token, self.accepting), self._control
-        )
-        self.control_port = self._control.add_insecure_port(s.control_address)
-
-        metrics_host, metrics_port = split_address(s.metrics_address)
-        self._metrics_server, _ = start_http_server(metrics_port, addr=metrics_host, registry=self.metrics.registry)
-        self.metrics_port = self._metrics_server.server_port
-
-        self.manager.on_swap(self.metrics.model_swapped)
-        self.manager.on_swap(self._on_swap)
-        self.manager.on_load(self.metrics.load_finished)
-        self.metrics.model_load_failing.set_function(
-            lambda: float(self.manager.status().state is LoadState.FAILED)
-        )
-        self._public.start()
-        self._control.start()
-        self.manager.start()
-        if self.supervised:
-            return
-        self.manager.set_aspired(
-            AspiredVersion(model_name=s.model_name or model_name_from_uri(s.model_uri), version="",
-                           model_uri=s.model_uri)
-        )
+        self.public_port = bind(self._public, s.address, public_tls(s))
 
     def _on_swap(self, new: LoadedModel, old: LoadedModel | None) -> None:
         if self._stopped.is_set():
@@ -172,8 +190,9 @@ class ServingApp:
         self.health.enter_graceful_shutdown()
         if self._public is not None:
             self._public.stop(grace).wait()
-        if self._control is not None:
-            self._control.stop(0).wait()
+        for server in (self._health_server, self._control):
+            if server is not None:
+                server.stop(0).wait()
         self.manager.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -28,7 +28,7 @@ class Unauthenticated(ServingError):
 
 
 class PermissionDenied(ServingError):
-    """A control call with wrong credentials."""
+    """A control call with wrong credentials, or a caller outside the allow-list."""
 
 
 class DeadlineExceeded(ServingError):

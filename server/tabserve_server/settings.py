@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tabserve_common.address import is_loopback, split_address
+from tabserve_common.secrets import read_secret
 from tabserve_common.settings import LOG_LEVELS, Settings, setting
 
 ENV_PREFIX = "TABSERVE_SERVER_"
@@ -30,14 +31,40 @@ class ServerSettings(Settings):
     address: str = setting(
         "0.0.0.0:50051", "Public gRPC listener: scoring API, Open Inference Protocol, health.", address=True
     )
+    tls_cert_file: str = setting(
+        "", "PEM certificate chain of the public port (with tls_key_file: TLS; empty: plaintext). Re-read when "
+        "it changes: new connections get the new certificate, no restart.",
+    )
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file (re-read with it).")
+    tls_client_ca_file: str = setting(
+        "", "PEM CA certificates: mutual TLS, a caller without a certificate from them is refused at the "
+        "handshake; its identity is the certificate's subject alternative name. Re-read when it changes.",
+    )
+    allowed_callers: str = setting(
+        "", "Comma-separated caller identities (client certificate SANs) allowed on the public port; others get "
+        "PERMISSION_DENIED. Empty: any certificate from tls_client_ca_file.",
+    )
+    health_address: str = setting(
+        "", "Plaintext listener serving grpc.health.v1 only, for probes that do not speak TLS; empty: none.",
+        address=True, allow_empty=True,
+    )
     control_address: str = setting(
-        "127.0.0.1:50052", "Control listener used by the monitor. Must be loopback unless control_token is set.",
+        "127.0.0.1:50052", "Control listener used by the monitor: plaintext on loopback; any other address needs "
+        "tls_cert_file (the control port then speaks TLS with it) and a control token.",
         address=True,
     )
-    control_token: str = setting("", "Bearer token required on control calls; empty: no token (loopback only).")
+    control_token: str = setting(
+        "", "Bearer token required on control calls; empty: none (loopback only). A secret: environment only.",
+        env_only=True,
+    )
+    control_token_file: str = setting("", "File holding the control token (e.g. a mounted Secret).")
     metrics_address: str = setting(
         "0.0.0.0:9100", "Prometheus /metrics listener (host:port; port 0 picks one).", address=True
     )
+    metrics_cert_file: str = setting(
+        "", "PEM certificate chain: serve /metrics over HTTPS (with metrics_key_file); empty: plain HTTP."
+    )
+    metrics_key_file: str = setting("", "PEM private key of metrics_cert_file.")
     cache_dir: str = setting("model-cache", "Local cache of the last model that loaded and validated.", non_empty=True)
     default_threshold: float = setting(
         0.5, "Decision threshold when neither version tag nor run param gives one.", minimum=0, maximum=1
@@ -70,12 +97,32 @@ class ServerSettings(Settings):
     log_level: str = setting("INFO", "Logging level (any case).", choices=LOG_LEVELS)
 
     def check(self) -> None:
-        if not self.control_token and not is_loopback(split_address(self.control_address)[0]):
-            raise self.invalid(
-                "control_address", "must be loopback unless --control-token is set", self.control_address
-            )
+        self.require_together("tls_cert_file", "tls_key_file")
+        self.require("tls_client_ca_file", "tls_cert_file")
+        self.require("allowed_callers", "tls_client_ca_file")
+        self.require_together("metrics_cert_file", "metrics_key_file")
+        self.exclusive("control_token", "control_token_file")
+        if not is_loopback(split_address(self.control_address)[0]):
+            if not (self.control_token or self.control_token_file):
+                raise self.invalid("control_address", "must be loopback unless a control token is set "
+                                   "(--control-token-file or TABSERVE_SERVER_CONTROL_TOKEN)", self.control_address)
+            if not self.tls_cert_file:
+                raise self.invalid("control_address", "must be loopback unless --tls-cert-file is set",
+                                   self.control_address)
         if self.retry_initial_seconds > self.retry_max_seconds:
             raise self.invalid(
                 "retry_initial_seconds", f"must be <= --retry-max-seconds ({self.retry_max_seconds})",
                 self.retry_initial_seconds,
             )
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    def allowed_caller_set(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.allowed_callers.split(",") if name.strip())
+
+    def control_token_value(self) -> str:
+        """The control token, from control_token_file or the environment ('' for none); SettingsError when the
+        file cannot be read."""
+        return read_secret(self.control_token, self.control_token_file, "control token")

@@ -53,6 +53,20 @@ class RowBatch:
 
 
 @dataclass(frozen=True)
+class RequestContext:
+    """What the transport knows about one call besides its rows.
+
+    `caller`: the calling service's identity, its client certificate's first subject alternative name under
+    mutual TLS ('' when unknown). For logs, and for the per-caller records and limits built on the data plane.
+    """
+
+    caller: str = ""
+
+
+UNKNOWN_CALLER = RequestContext()
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     model: LoadedModel
     scores: np.ndarray  # float64 per row
@@ -83,7 +97,10 @@ class DataPlane:
             raise ModelNotFound(f"model {model.name!r} version {version!r} is not served (serving {model.version!r})")
         return model
 
-    def score(self, batch: RowBatch, name: str = "", version: str = "") -> ScoreResult:
+    def score(
+        self, batch: RowBatch, name: str = "", version: str = "", request: RequestContext = UNKNOWN_CALLER
+    ) -> ScoreResult:
+        """Score `batch` on the live version (checked against `name`/`version`) for the caller in `request`."""
         model = self.model(name, version)
         rows = batch.row_count()
         if rows > self._max_rows:

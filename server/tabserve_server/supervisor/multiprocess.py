@@ -14,13 +14,14 @@ from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from tabserve.control.v1 import control_pb2_grpc
 from tabserve_client.control import ControlClient, ControlError
 from tabserve_common.address import join_address, split_address
 from tabserve_server.core.loading import model_name_from_uri
 from tabserve_server.core.model import AspiredVersion
+from tabserve_server.listeners import control_tls, start_metrics_server
 from tabserve_server.settings import ServerSettings
 from tabserve_server.supervisor import rollout
 from tabserve_server.supervisor.metrics import Scrape, WorkerMetrics
@@ -41,6 +42,7 @@ from tabserve_server.supervisor.workers import (
 )
 from tabserve_server.transport.control import aspired_message
 from tabserve_server.transport.edge import Edge
+from tabserve_server.transport.tls import bind
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,9 @@ class Supervisor:
         self.count = settings.workers if settings.workers > 0 else (os.cpu_count() or 1)
         self._workers = [Worker(i) for i in range(self.count)]
         self._public_address = settings.address
-        self._reservation: socket.socket | None = None
+        self._health_address = settings.health_address
+        self._reservations: list[socket.socket] = []
+        self._token = ""
         self._aspired = AspiredVersion(
             model_name=settings.model_name or model_name_from_uri(settings.model_uri), version="",
             model_uri=settings.model_uri,
@@ -69,12 +73,13 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._control: Any = None
         self._metrics_server: Any = None
-        self.public_port = self.control_port = self.metrics_port = 0
+        self.public_port = self.control_port = self.metrics_port = self.health_port = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         s = self.settings
+        self._token = s.control_token_value()
         try:
             self._start_workers()
         except BaseException:
@@ -85,30 +90,38 @@ class Supervisor:
             interceptors=[Edge(None)], options=[("grpc.so_reuseport", 0)],
         )
         control_pb2_grpc.add_ModelControlServicer_to_server(  # type: ignore[no-untyped-call]
-            SupervisorControl(self, s.control_token), self._control
+            SupervisorControl(self, self._token), self._control
         )
-        self.control_port = self._control.add_insecure_port(s.control_address)
+        self.control_port = bind(self._control, s.control_address, control_tls(s))
         registry = CollectorRegistry()
         registry.register(WorkerMetrics(self.scrape_workers, lambda: self.workers_up, lambda: self.restarts))
-        metrics_host, metrics_port = split_address(s.metrics_address)
-        self._metrics_server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+        self._metrics_server = start_metrics_server(s, registry)
         self.metrics_port = self._metrics_server.server_port
         self._control.start()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self._thread.start()
         log.info("supervising %d workers on public port %d", self.count, self.public_port)
 
+    def _shared(self, address: str) -> str:
+        """`address` with a concrete port the workers can all bind: port 0 is replaced by a free port held
+        (reserved) as long as this server lives."""
+        host, port = split_address(address)
+        if port:
+            return address
+        reservation = reserve_port(host)
+        self._reservations.append(reservation)
+        return join_address(host, reservation.getsockname()[1])
+
     def _start_workers(self) -> None:
-        host, port = split_address(self.settings.address)
-        if not port:  # hold a free port for the workers to share, as long as this server lives
-            self._reservation = reserve_port(host)
-            port = self._reservation.getsockname()[1]
-            self._public_address = join_address(host, port)
+        self._public_address = self._shared(self.settings.address)
+        if self.settings.health_address:
+            self._health_address = self._shared(self.settings.health_address)
+            self.health_port = split_address(self._health_address)[1]
         for worker in self._workers:
             worker.spawn(self._settings_of(worker))
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         for worker in self._workers:
-            worker.await_ports(deadline, self.settings.control_token)
+            worker.await_ports(deadline, self._token)
         self.public_port = self._workers[0].public_port
         self._wake.set()
 
@@ -131,12 +144,12 @@ class Supervisor:
 
     def _release(self, grace: float = 0.0) -> None:
         stop_workers(self._workers, grace)
-        if self._reservation is not None:
-            self._reservation.close()
-            self._reservation = None
+        for reservation in self._reservations:
+            reservation.close()
+        self._reservations.clear()
 
     def _settings_of(self, worker: Worker) -> ServerSettings:
-        return worker_settings(self.settings, worker.index, self.count, self._public_address)
+        return worker_settings(self.settings, worker.index, self.count, self._public_address, self._health_address)
 
     # --- the reconcile loop -----------------------------------------------------------------
 
@@ -145,7 +158,7 @@ class Supervisor:
             try:
                 now = time.monotonic()
                 for worker in self._workers:
-                    if worker.check(now, self._settings_of(worker), self.settings.control_token):
+                    if worker.check(now, self._settings_of(worker), self._token):
                         self._wake.set()
                 self._reconcile()
             except Exception:

@@ -75,13 +75,17 @@ def run_worker(settings: ServerSettings, index: int, conn: Connection) -> None:
     app.stop()
 
 
-def worker_settings(settings: ServerSettings, index: int, count: int, public_address: str) -> ServerSettings:
-    """The settings of worker `index` of `count`, all binding `public_address`."""
+def worker_settings(
+    settings: ServerSettings, index: int, count: int, public_address: str, health_address: str = ""
+) -> ServerSettings:
+    """The settings of worker `index` of `count`, all binding `public_address` (and `health_address`) with the
+    same TLS files; control and /metrics are private, on loopback, in plaintext (the supervisor serves both)."""
     # Each worker has its own cache directory: concurrent commits to one cache would delete each other's entries.
     # "0: number of cores" for batch prediction threads is shared out, so N workers do not oversubscribe.
     threads = settings.predict_threads or max(1, (os.cpu_count() or 1) // count)
     return dataclasses.replace(
-        settings, address=public_address, control_address="127.0.0.1:0", metrics_address="127.0.0.1:0",
+        settings, address=public_address, health_address=health_address, control_address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0", metrics_cert_file="", metrics_key_file="",
         cache_dir=str(Path(settings.cache_dir) / f"worker-{index}"), predict_threads=threads, workers=1,
     )
 

@@ -1,4 +1,4 @@
-"""The edge every RPC passes through: drain check, error mapping (one table), metrics.
+"""The edge every RPC passes through: drain check, caller allow-list, error mapping (one table), metrics.
 
 Servicers only translate messages and raise the core's errors; this interceptor turns them into
 status codes, logs unexpected ones with their traceback as INTERNAL, and records the call.
@@ -16,6 +16,7 @@ import grpc
 from tabserve_server.errors import DeadlineExceeded, ServingError
 from tabserve_server.metrics import ServerMetrics
 from tabserve_server.transport.errors import status_of
+from tabserve_server.transport.identity import CallerPolicy
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,15 @@ def check_deadline(context: grpc.ServicerContext) -> None:
 
 
 class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, metrics: ServerMetrics | None, accepting: Callable[[], bool] | None = None) -> None:
+    """`policy`: the allow-list of callers, checked on every call but health and reflection."""
+
+    def __init__(
+        self, metrics: ServerMetrics | None, accepting: Callable[[], bool] | None = None,
+        policy: CallerPolicy | None = None,
+    ) -> None:
         self._metrics = metrics
         self._accepting = accepting
+        self._policy = policy
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         self._children: dict[tuple[str, str], Any] = {}
 
@@ -76,6 +83,7 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
     ) -> Callable[..., Any]:
         metrics = self._metrics
         accepting = None if probe else self._accepting
+        policy = self._policy
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
@@ -86,6 +94,8 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
             if metrics is not None:
                 metrics.in_flight.inc()
             try:
+                if policy is not None:
+                    policy.check(context)
                 return inner(request, context)
             except ServingError as exc:
                 status = status_of(exc)

@@ -27,6 +27,7 @@ from tabserve_server.core.dataplane import DataPlane, RowBatch, ScoreResult
 from tabserve_server.core.model import LoadedModel
 from tabserve_server.errors import InvalidInput, ModelUnavailable
 from tabserve_server.transport.edge import check_deadline
+from tabserve_server.transport.identity import request_context
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "tabserve"
@@ -187,5 +188,5 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         batch = decode_inputs(request, model)
         check_deadline(context)
         # The data plane captures the live version again and validates the rows against it.
-        result = self._dataplane.score(batch, request.model_name, request.model_version)
+        result = self._dataplane.score(batch, request.model_name, request.model_version, request_context(context))
         return encode_outputs(request, result, names)

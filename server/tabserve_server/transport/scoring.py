@@ -12,6 +12,7 @@ from tabserve_server.core.dataplane import DataPlane, RowBatch
 from tabserve_server.core.model import LoadedFrom
 from tabserve_server.errors import InvalidInput
 from tabserve_server.transport.edge import check_deadline
+from tabserve_server.transport.identity import request_context
 
 _LOADED_FROM = {
     LoadedFrom.REGISTRY: scoring_pb2.LOADED_FROM_REGISTRY,
@@ -38,7 +39,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     def Score(self, request: Any, context: grpc.ServicerContext) -> Any:
         batch = decode_rows(request)
         check_deadline(context)
-        result = self._dataplane.score(batch, request.model_name, request.model_version)
+        result = self._dataplane.score(batch, request.model_name, request.model_version, request_context(context))
         return scoring_pb2.ScoreResponse(
             model_name=result.model.name,
             model_version=result.model.version,
