@@ -30,6 +30,7 @@ from tabserve_server.core.model import AspiredVersion, LoadedModel
 from tabserve_server.listeners import control_tls, public_tls, start_metrics_server
 from tabserve_server.metrics import ServerMetrics
 from tabserve_server.settings import ServerSettings
+from tabserve_server.transport.connections import connection_options
 from tabserve_server.transport.control import ControlServicer
 from tabserve_server.transport.edge import Edge
 from tabserve_server.transport.identity import CallerPolicy
@@ -149,6 +150,7 @@ class ServingApp:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if self.supervised else 0),
+            *connection_options(s),
         ]
         allowed = s.allowed_caller_set()
         self._public = grpc.server(

@@ -10,6 +10,8 @@ from tabserve_common.secrets import read_secret
 from tabserve_common.settings import LOG_LEVELS, Settings, setting
 
 ENV_PREFIX = "TABSERVE_SERVER_"
+# Durations gRPC takes as a C int of milliseconds (about 24.8 days).
+_MAX_SECONDS = (2**31 - 1) // 1000
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,28 @@ class ServerSettings(Settings):
     )
     predict_threads: int = setting(0, "LightGBM threads for batch prediction; 0: number of cores.", minimum=0)
     shutdown_grace_seconds: float = setting(10.0, "On SIGTERM, how long in-flight calls may take to finish.", minimum=0)
+    # Connections of the public port (transport/connections.py). gRPC takes these as C int milliseconds.
+    keepalive_min_ping_interval_seconds: float = setting(
+        5.0, "Shortest interval between a client's keepalive pings that the public port accepts; a client pinging "
+        "more often is sent GOAWAY too_many_pings after keepalive_max_ping_strikes. The default accepts a client "
+        "pinging every 10 s.", minimum=0, maximum=_MAX_SECONDS,
+    )
+    keepalive_permit_without_calls: bool = setting(
+        True, "Accept keepalive pings on a connection with no call in flight (false: gRPC's default, one such ping "
+        "per 2 hours, so an idle client that pings is sent too_many_pings).",
+    )
+    keepalive_max_ping_strikes: int = setting(
+        2, "Pings sooner than keepalive_min_ping_interval_seconds tolerated (until data flows) before GOAWAY "
+        "too_many_pings; 0: unlimited.", minimum=0,
+    )
+    max_connection_age_seconds: float = setting(
+        300.0, "Age at which a public connection is sent GOAWAY (gRPC adds +/-10 % jitter), so clients reconnect "
+        "and spread over new replicas and SO_REUSEPORT workers; 0: never.", minimum=0, maximum=_MAX_SECONDS,
+    )
+    max_connection_age_grace_seconds: float = setting(
+        30.0, "After that GOAWAY, how long calls in flight may take before the connection is closed.",
+        minimum=0, maximum=_MAX_SECONDS,
+    )
     registry_timeout_seconds: float = setting(10.0, "Timeout of one HTTP request to the MLflow server.", above=0)
     retry_initial_seconds: float = setting(
         1.0, "First wait before retrying a failed load of the same version; at most retry_max_seconds.", above=0
