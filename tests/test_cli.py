@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -269,6 +270,85 @@ def test_server_error_names_the_input_row(
     assert code == 1
     assert err.startswith("error: INVALID_ARGUMENT: row 5 (line 7): feature 'age' is inf"), err
     assert out == "" and "Traceback" not in err
+
+
+def _csv_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [",".join(header), *(",".join(r) for r in rows)]
+
+
+def _json_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [json.dumps({h: (v if h == "applicant_id" else float(v or "nan")) for h, v in zip(header, r, strict=True)})
+            for r in rows]
+
+
+def _with_bom(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = _csv_lines(header, rows)
+    return ["\ufeff" + lines[0], *lines[1:]]
+
+
+def _underscore_number(header: list[str], rows: list[list[str]]) -> list[str]:
+    rows[1][header.index("age")] = "1_000"
+    return _csv_lines(header, rows)
+
+
+def _duplicate_column(header: list[str], rows: list[list[str]]) -> list[str]:
+    return _csv_lines([*header, "age"], [[*r, "40"] for r in rows])
+
+
+def _short_row(header: list[str], rows: list[list[str]]) -> list[str]:
+    rows[2] = rows[2][:-1]
+    return _csv_lines(header, rows)
+
+
+def _blank_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = _csv_lines(header, rows)
+    return [lines[0], "", lines[1], "", *lines[2:]]
+
+
+def _id_in_some_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = _json_lines(header, rows)
+    second = json.loads(lines[1])
+    del second["applicant_id"]
+    return [lines[0], json.dumps(second), *lines[2:]]
+
+
+def _not_an_object(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [*_json_lines(header, rows)[:1], "[1, 2, 3]"]
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "extra", "code", "needle"),
+    [
+        ("bom.csv", _with_bom, [], 0, "scored 3 rows"),  # Excel writes UTF-8 with a byte-order mark
+        ("blank.csv", _blank_lines, [], 0, "scored 3 rows"),
+        ("rows.txt", _json_lines, ["--input-format", "jsonl"], 0, "scored 3 rows"),
+        ("underscore.csv", _underscore_number, [], 2, "line 3, column 'age': '1_000' is not a number"),
+        ("dup.csv", _duplicate_column, [], 2, "line 1: column 'age' appears more than once"),
+        ("short.csv", _short_row, [], 2, f"line 4: {len(FEATURE_NAMES)} fields, the header has "),
+        ("some.jsonl", _id_in_some_lines, [], 2, "line 2: the id column 'applicant_id' must be in every line"),
+        ("array.jsonl", _not_an_object, [], 2, "line 2: expected a JSON object, got list"),
+    ],
+)
+def test_input_rules(
+    target: str, applicants: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    name: str, build: Any, extra: list[str], code: int, needle: str,
+) -> None:
+    header, rows = small_csv(applicants, 3)
+    source = write_lines(tmp_path / name, build(header, rows))
+    got, out, err = run(["score", str(source), "--target", target, *extra], capsys)
+    assert (got, needle in err) == (code, True), err
+    if code == 0:
+        assert len(out.splitlines()) == 4  # header and three rows
+    else:
+        assert out == ""
+
+
+def test_an_output_file_that_cannot_be_written_is_exit_2(
+    target: str, applicants: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "no-such-dir" / "scores.csv"
+    code, out, err = run(["score", str(applicants), "--target", target, "--output", str(out_file)], capsys)
+    assert_clean_usage_error(code, out, err, f"cannot write {out_file}: No such file or directory")
 
 
 # --- info and health --------------------------------------------------------------------------------
