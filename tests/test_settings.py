@@ -44,6 +44,8 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
      "must be true or false (also 1/0, yes/no, on/off), got '2'"),
     (ServerSettings, "max_connection_age_seconds", "2147484", "must be >= 0 and <= 2147483, got 2147484.0"),
     (ServerSettings, "max_connection_age_grace_seconds", "-0.5", "must be >= 0 and <= 2147483, got -0.5"),
+    (ServerSettings, "load_timeout_seconds", "0", "must be > 0, got 0.0"),
+    (ServerSettings, "max_model_bytes", "0", "must be >= 1, got 0"),
     (ServerSettings, "default_threshold", "1.5", "must be >= 0 and <= 1, got 1.5"),
     (ServerSettings, "default_threshold", "-0.1", "must be >= 0 and <= 1, got -0.1"),
     (ServerSettings, "default_threshold", "nan", "must be a finite number, got nan"),

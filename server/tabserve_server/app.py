@@ -53,6 +53,8 @@ def loader_config(settings: ServerSettings) -> LoaderConfig:
         allow_pyfunc=settings.allow_pyfunc,
         predict_threads=settings.predict_threads,
         registry_timeout_seconds=settings.registry_timeout_seconds,
+        load_timeout_seconds=settings.load_timeout_seconds,
+        max_model_bytes=settings.max_model_bytes,
     )
 
 

@@ -36,8 +36,23 @@ class DeadlineExceeded(ServingError):
 
 
 class ModelLoadError(Exception):
-    """A model version could not be resolved, downloaded, loaded or validated (never served)."""
+    """A model version could not be resolved, downloaded, loaded or validated (never served).
+
+    `reason` is the bounded label the load-failure metric counts it under.
+    """
+
+    reason = "refused"
 
 
 class RegistryUnavailable(ModelLoadError):
     """The MLflow tracking/registry server could not be reached."""
+
+    reason = "registry_unreachable"
+
+
+class VerifierFailed(ModelLoadError):
+    """The process that verifies a new artifact died (signal, abort, out-of-memory kill) or ran out of time."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # "crash" or "timeout"

@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from tabserve_server.core.model import AspiredVersion, LoadedModel
+from tabserve_server.core.manager import LoadOutcome
+from tabserve_server.core.model import LoadedModel
 
 PREFIX = "tabserve_server_"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -88,6 +89,10 @@ class ServerMetrics:
             PREFIX + "model_loads", "Model load attempts, by result (success, failure).", ["result"],
             registry=registry,
         )
+        self.model_load_failures = Counter(
+            PREFIX + "model_load_failures", "Failed load attempts, by reason (refused, crash, timeout, "
+            "registry_unreachable, unexpected).", ["reason"], registry=registry,
+        )
         self.model_load_failing = Gauge(
             PREFIX + "model_load_failing", "1 while the aspired version failed to load and is not served.",
             registry=registry,
@@ -118,5 +123,7 @@ class ServerMetrics:
         self.model_loaded.set(new.loaded_at.timestamp())
         self.model_load_duration.set(new.load_duration_seconds)
 
-    def load_finished(self, aspired: AspiredVersion, ok: bool, duration: float, error: str) -> None:
-        self.model_loads.labels("success" if ok else "failure").inc()
+    def load_finished(self, outcome: LoadOutcome) -> None:
+        self.model_loads.labels("success" if outcome.ok else "failure").inc()
+        if not outcome.ok:
+            self.model_load_failures.labels(outcome.reason).inc()

@@ -118,6 +118,13 @@ class ServerSettings(Settings):
         1.0, "First wait before retrying a failed load of the same version; at most retry_max_seconds.", above=0
     )
     retry_max_seconds: float = setting(60.0, "Longest wait between retries of a failed load.", above=0)
+    load_timeout_seconds: float = setting(
+        120.0, "Wall-clock limit of verifying one model version in its own process; past it, a failed load.", above=0
+    )
+    max_model_bytes: int = setting(
+        2**30, "Largest model file (MLmodel, LightGBM model) accepted; a larger one is refused before parsing.",
+        minimum=1,
+    )
     log_level: str = setting("INFO", "Logging level (any case).", choices=LOG_LEVELS)
 
     def check(self) -> None:

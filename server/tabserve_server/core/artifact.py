@@ -1,11 +1,18 @@
-"""Reads a model's artifacts on disk into a predictor: the MLmodel file, its signature and the flavor's data.
+"""Reads a model's artifacts into a predictor: the MLmodel file, its signature and the flavor's data.
+
+Two steps, so that what is parsed is exactly what was digested: `read_files` takes the bytes the model
+is read from into memory (MLmodel and, for LightGBM, the model file) and digests them; `read_artifact`
+parses those bytes. The verifier process (core/verify) and the serving process run the same two steps.
 
 LightGBM Boosters load from LightGBM's own text format; pickle-based flavors only through pyfunc, and only
-when the operator opted in (logged as a warning). Nothing here talks to the registry.
+when the operator opted in (logged as a warning). Nothing here talks to the registry, and nothing imports
+mlflow unless the flavor is pyfunc.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -19,6 +26,27 @@ from tabserve_server.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
+MLMODEL = "MLmodel"
+
+
+@dataclass(frozen=True)
+class ArtifactFiles:
+    """The bytes of one model version in memory: `contents` maps file names (MLmodel, the model file) to bytes."""
+
+    directory: Path
+    label: str
+    mlmodel: Mapping[str, Any]
+    contents: Mapping[str, bytes]
+    lightgbm_file: str  # the LightGBM model file's name in `contents`; '' for other flavors
+
+    @property
+    def digest(self) -> str:
+        """sha256 over every file's name and content: equal digests mean the same bytes are parsed."""
+        outer = hashlib.sha256()
+        for name in sorted(self.contents):
+            outer.update(f"{name}\0{hashlib.sha256(self.contents[name]).hexdigest()}\n".encode())
+        return f"sha256:{outer.hexdigest()}"
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -29,22 +57,49 @@ class Artifact:
     schema: FeatureSchema
 
 
-def read_artifact(directory: Path, label: str, *, allow_pyfunc: bool, predict_threads: int) -> Artifact:
-    """Read the model in `directory`; `label` names it in errors (its source URI)."""
-    from mlflow.models import Model
+def read_files(directory: Path, label: str, max_model_bytes: int) -> ArtifactFiles:
+    """The bytes the model in `directory` is read from; a file larger than `max_model_bytes` is refused unread.
 
-    mlmodel_path = directory / "MLmodel"
-    if not mlmodel_path.is_file():
-        raise ModelLoadError(f"{label}: no MLmodel file in the model artifacts")
+    `label` names the model in errors (its source URI).
+    """
+    import yaml  # type: ignore[import-untyped]
+
+    raw = _read(directory, MLMODEL, label, max_model_bytes)
     try:
-        mlmodel = Model.load(str(mlmodel_path))
-    except Exception as exc:
+        mlmodel = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
         raise ModelLoadError(f"{label}: unreadable MLmodel: {exc}") from exc
-    flavors: Mapping[str, Any] = mlmodel.flavors
-    signature_schema = _signature_schema(mlmodel)
-    lgb_conf = flavors.get("lightgbm")
-    if lgb_conf and str(lgb_conf.get("data", "")).endswith(".lgb"):
-        return _lightgbm(directory / lgb_conf["data"], label, signature_schema, predict_threads)
+    if not isinstance(mlmodel, dict) or not isinstance(mlmodel.get("flavors"), dict):
+        raise ModelLoadError(f"{label}: unreadable MLmodel: no flavors")
+    contents = {MLMODEL: raw}
+    lgb_conf = mlmodel["flavors"].get("lightgbm")
+    data = str(lgb_conf.get("data", "")) if isinstance(lgb_conf, dict) else ""
+    lightgbm_file = data if data.endswith(".lgb") else ""
+    if lightgbm_file:
+        contents[lightgbm_file] = _read(directory, lightgbm_file, label, max_model_bytes)
+    return ArtifactFiles(directory, label, mlmodel, contents, lightgbm_file)
+
+
+def _read(directory: Path, name: str, label: str, max_model_bytes: int) -> bytes:
+    path = (directory / name).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise ModelLoadError(f"{label}: file {name!r} is outside the model directory")
+    if not path.is_file():
+        missing = "no MLmodel file in the model artifacts" if name == MLMODEL else f"model file {name} is missing"
+        raise ModelLoadError(f"{label}: {missing}")
+    size = path.stat().st_size
+    if size > max_model_bytes:
+        raise ModelLoadError(f"{label}: {name} is {size} bytes, more than max_model_bytes ({max_model_bytes})")
+    return path.read_bytes()
+
+
+def read_artifact(files: ArtifactFiles, *, allow_pyfunc: bool, predict_threads: int) -> Artifact:
+    """Parse the model held in `files` (LightGBM: from the bytes in memory, never from the file again)."""
+    label = files.label
+    flavors: Mapping[str, Any] = files.mlmodel["flavors"]
+    signature_schema = _signature_schema(files.mlmodel, label)
+    if files.lightgbm_file:
+        return _lightgbm(files, signature_schema, predict_threads)
     if "python_function" not in flavors:
         raise ModelLoadError(f"{label}: no lightgbm or python_function flavor")
     if not allow_pyfunc:
@@ -58,21 +113,20 @@ def read_artifact(directory: Path, label: str, *, allow_pyfunc: bool, predict_th
     import mlflow.pyfunc
 
     try:
-        model = mlflow.pyfunc.load_model(str(directory))
+        model = mlflow.pyfunc.load_model(str(files.directory))
     except Exception as exc:
         raise ModelLoadError(f"{label}: pyfunc load failed: {exc}") from exc
     return Artifact("python_function", PyfuncPredictor(model, signature_schema), signature_schema)
 
 
-def _lightgbm(model_file: Path, label: str, signature_schema: FeatureSchema | None, threads: int) -> Artifact:
+def _lightgbm(files: ArtifactFiles, signature_schema: FeatureSchema | None, threads: int) -> Artifact:
     import lightgbm
 
-    if not model_file.is_file():
-        raise ModelLoadError(f"{label}: model file {model_file.name} is missing")
+    label, name = files.label, files.lightgbm_file
     try:
-        booster = lightgbm.Booster(model_file=str(model_file))
+        booster = lightgbm.Booster(model_str=files.contents[name].decode("utf-8"))
     except Exception as exc:
-        raise ModelLoadError(f"{label}: LightGBM cannot read {model_file.name}: {exc}") from exc
+        raise ModelLoadError(f"{label}: LightGBM cannot read {name}: {exc}") from exc
     booster_names = [str(n) for n in booster.feature_name()]
     schema = signature_schema or FeatureSchema(tuple(Feature(n, "double") for n in booster_names))
     if len(schema) != booster.num_feature():
@@ -83,15 +137,28 @@ def _lightgbm(model_file: Path, label: str, signature_schema: FeatureSchema | No
     return Artifact("lightgbm", LightGBMPredictor(booster, threads or (os.cpu_count() or 1)), schema)
 
 
-def _signature_schema(mlmodel: Any) -> FeatureSchema | None:
-    signature = mlmodel.signature
-    if signature is None or signature.inputs is None or not signature.inputs.has_input_names():
+def _signature_schema(mlmodel: Mapping[str, Any], label: str) -> FeatureSchema | None:
+    """The named inputs of the MLmodel's signature (as MLflow writes it: a JSON list of column specs), or None."""
+    signature = mlmodel.get("signature")
+    raw = signature.get("inputs") if isinstance(signature, dict) else None
+    if not raw:
+        return None
+    try:
+        specs = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{label}: unreadable signature inputs: {exc}") from exc
+    if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) and s.get("name") for s in specs):
         return None
     features = []
-    for spec in signature.inputs.inputs:
-        kind = getattr(spec.type, "name", str(spec.type))
-        features.append(Feature(str(spec.name), str(kind)))
-    return FeatureSchema(tuple(features))
+    for spec in specs:
+        kind = spec.get("type")
+        if kind == "tensor":
+            kind = (spec.get("tensor-spec") or {}).get("dtype", "tensor")
+        features.append(Feature(str(spec["name"]), str(kind)))
+    try:
+        return FeatureSchema(tuple(features))
+    except ValueError as exc:
+        raise ModelLoadError(f"{label}: signature inputs: {exc}") from exc
 
 
-__all__ = ["Artifact", "read_artifact"]
+__all__ = ["MLMODEL", "Artifact", "ArtifactFiles", "read_artifact", "read_files"]

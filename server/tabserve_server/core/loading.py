@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tabserve_server.core.artifact import read_artifact
+from tabserve_server.core.artifact import read_artifact, read_files
 from tabserve_server.core.cache import ModelCache
 from tabserve_server.core.model import AspiredVersion, DecisionLabels, LoadedFrom, LoadedModel
+from tabserve_server.core.verify import VerifyLimits, verify
 from tabserve_server.errors import ModelLoadError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class LoaderConfig:
     allow_pyfunc: bool
     predict_threads: int
     registry_timeout_seconds: float
+    load_timeout_seconds: float
+    max_model_bytes: int
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class ModelLoader:
     def __init__(self, config: LoaderConfig) -> None:
         self.config = config
         self.cache = ModelCache(config.cache_dir)
+        self.limits = VerifyLimits(config.load_timeout_seconds, config.max_model_bytes, config.allow_pyfunc)
         self._client: Any = None
 
     @property
@@ -265,17 +269,21 @@ class ModelLoader:
         started: float,
         threshold: tuple[float, str] | None = None,
     ) -> LoadedModel:
-        artifact = read_artifact(
-            directory, resolved.download_uri,
-            allow_pyfunc=self.config.allow_pyfunc, predict_threads=self.config.predict_threads,
-        )
+        label = resolved.download_uri
+        verdict = verify(directory, label, self.limits)
+        files = read_files(directory, label, self.config.max_model_bytes)
+        if files.digest != verdict.digest:
+            raise ModelLoadError(f"{label}: the files changed after they were verified ({files.digest}, verified "
+                                 f"{verdict.digest}): refused")
+        artifact = read_artifact(files, allow_pyfunc=self.config.allow_pyfunc,
+                                 predict_threads=self.config.predict_threads)
         value, source = threshold if threshold is not None else self._threshold(resolved)
         return LoadedModel(
             name=resolved.name, version=resolved.version, run_id=resolved.run_id, requested_uri=requested_uri,
             source_uri=resolved.download_uri, loaded_from=resolved.loaded_from, loaded_at=datetime.now(UTC),
             load_duration_seconds=time.monotonic() - started, schema=artifact.schema, threshold=value,
             threshold_source=source, flavor=artifact.flavor, predictor=artifact.predictor,
-            labels=_decision_labels(resolved.version_tags),
+            labels=_decision_labels(resolved.version_tags), digest=files.digest,
         )
 
 

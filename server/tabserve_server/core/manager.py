@@ -89,8 +89,19 @@ class CandidateLoader(Protocol):
     def load_cached(self, model_name: str) -> Candidate | None: ...
 
 
+@dataclass(frozen=True)
+class LoadOutcome:
+    """One finished load attempt: `reason` is '' on success, else a bounded label (ModelLoadError.reason)."""
+
+    aspired: AspiredVersion
+    ok: bool
+    seconds: float
+    error: str = ""
+    reason: str = ""
+
+
 SwapListener = Callable[[LoadedModel, LoadedModel | None], None]
-LoadListener = Callable[[AspiredVersion, bool, float, str], None]
+LoadListener = Callable[[LoadOutcome], None]
 
 
 class ModelManager:
@@ -260,8 +271,7 @@ class ModelManager:
             log.info("staged %s version %s: swapped in on commit", candidate.model.name, candidate.model.version)
         else:
             self._serve(candidate)
-        for listener in self._load_listeners:
-            listener(aspired, True, time.monotonic() - started, "")
+        self._notify(LoadOutcome(aspired, True, time.monotonic() - started))
 
     def _validated(self, candidate: Candidate) -> Candidate:
         """The one check of every candidate, wherever it came from; a candidate that fails it is discarded."""
@@ -305,8 +315,11 @@ class ModelManager:
             wait = min(self._retry_max, self._retry_initial * 2 ** (attempts - 1))
             self._failure = Failure(aspired, attempts, message, datetime.now(UTC), time.monotonic() + wait)
             self._state = LoadState.FAILED
+        self._notify(LoadOutcome(aspired, False, duration, message, getattr(exc, "reason", "unexpected")))
+
+    def _notify(self, outcome: LoadOutcome) -> None:
         for listener in self._load_listeners:
-            listener(aspired, False, duration, message)
+            listener(outcome)
 
     def _serve_from_cache(self, aspired: AspiredVersion) -> None:
         name = aspired.model_name or model_name_from_uri(aspired.model_uri)

@@ -105,6 +105,7 @@ class LoadedModel:
     flavor: str
     predictor: Predictor
     labels: DecisionLabels = DecisionLabels()
+    digest: str = ""  # of the bytes it was parsed from (core/artifact.ArtifactFiles.digest)
 
     def satisfies(self, aspired: AspiredVersion) -> bool:
         """Whether this model is what `aspired` asks for."""

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from tabserve_server.core.model import LoadedModel
+from tabserve_server.core.model import LoadedModel, Predictor
 from tabserve_server.core.schema import FeatureSchema
 from tabserve_server.errors import ModelLoadError
 
@@ -34,12 +34,17 @@ def validate(model: LoadedModel, served: LoadedModel | None, allow_schema_change
                 f"({len(model.schema)} vs {len(served.schema)} features; {detail})"
             )
         log.warning("serving a new feature schema for %s (allow_schema_change is on)", model.name)
+    warm_up(model.predictor, model.schema)
+
+
+def warm_up(predictor: Predictor, schema: FeatureSchema) -> None:
+    """Raise ModelLoadError unless `predictor` answers finite probabilities for the warm-up rows."""
     try:
-        scores = model.predict(warm_up_rows(model.schema))
+        scores = predictor.predict(warm_up_rows(schema))
     except Exception as exc:
         raise ModelLoadError(f"warm-up prediction failed: {exc}") from exc
     if scores.shape != (8,) or not np.isfinite(scores).all() or (scores < 0).any() or (scores > 1).any():
         raise ModelLoadError(f"warm-up predictions not finite probabilities in [0, 1]: {scores[:8]!r}")
 
 
-__all__ = ["validate", "warm_up_rows"]
+__all__ = ["validate", "warm_up", "warm_up_rows"]

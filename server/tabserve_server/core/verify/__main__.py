@@ -1,0 +1,58 @@
+"""The verifier process: `python -m tabserve_server.core.verify DIRECTORY [--label L] [--allow-pyfunc] ...`.
+
+Its last line on stdout is `TABSERVE-VERDICT {json}`: {"ok": true, "digest": ...} or {"ok": false, "error":
+...}, and it exits 0 either way. Any other end (a signal, an abort, no verdict) is judged by the caller
+(process.py) as a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tabserve_server.core.verify.check import check
+from tabserve_server.core.verify.process import VERDICT_MARK
+from tabserve_server.errors import ModelLoadError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """A verifier outlives no server: the kernel kills it when the process that started it dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux: the caller's time limit still bounds it
+    if os.getppid() == 1:
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tabserve_server.core.verify", description=__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--label", default="", help="names the model in messages (default: the directory)")
+    parser.add_argument("--allow-pyfunc", action="store_true")
+    parser.add_argument("--max-model-bytes", type=int, default=2**62)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        checked = check(args.directory, args.label or str(args.directory), allow_pyfunc=args.allow_pyfunc,
+                        max_model_bytes=args.max_model_bytes, lean=True)
+        verdict = {"ok": True, **dataclasses.asdict(checked)}
+    except ModelLoadError as exc:
+        verdict = {"ok": False, "error": str(exc)}
+    sys.stdout.flush()
+    print(VERDICT_MARK + json.dumps(verdict), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Runs the verifier process on one artifact and turns how it ended into a verdict or a failed load in words."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tabserve_server.errors import ModelLoadError, VerifierFailed
+
+VERDICT_MARK = "TABSERVE-VERDICT "  # starts the last line the verifier process prints (__main__.py)
+
+
+@dataclass(frozen=True)
+class VerifyLimits:
+    timeout_seconds: float  # wall clock, from process start to verdict
+    max_model_bytes: int
+    allow_pyfunc: bool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A version that passed: `digest` names the bytes that were checked."""
+
+    digest: str
+    flavor: str
+    features: int
+    fast_path: bool
+    seconds: float
+
+
+def verify(directory: Path, label: str, limits: VerifyLimits) -> Verdict:
+    """Check the model in `directory` in a fresh process; raise ModelLoadError (VerifierFailed: it died) if unfit."""
+    command = [sys.executable, "-m", "tabserve_server.core.verify", str(directory), "--label", label,
+               "--max-model-bytes", str(limits.max_model_bytes)]
+    if limits.allow_pyfunc:
+        command.append("--allow-pyfunc")
+    # One OpenMP thread: the warm-up rows are few, and the serving process keeps the cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                          start_new_session=True) as child:
+        try:
+            output, _ = child.communicate(timeout=limits.timeout_seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            raise VerifierFailed(
+                f"model verifier ran past load_timeout_seconds ({limits.timeout_seconds:g} s) while loading {label}"
+                "; killed", "timeout",
+            ) from None
+    text = output.decode(errors="replace")
+    verdict = _verdict(text)
+    if child.returncode < 0:
+        number = -child.returncode
+        raise VerifierFailed(
+            f"model parser crashed with signal {number} ({_signal_name(number)}) while loading {label}"
+            f"{_last_words(text)}", "crash",
+        )
+    if verdict is None:
+        raise VerifierFailed(
+            f"model verifier exited with status {child.returncode} and no verdict while loading {label}"
+            f"{_last_words(text)}", "crash",
+        )
+    if not verdict.get("ok"):
+        raise ModelLoadError(str(verdict.get("error") or "refused by the verifier"))
+    return Verdict(str(verdict["digest"]), str(verdict["flavor"]), int(verdict["features"]),
+                   bool(verdict["fast_path"]), time.monotonic() - started)
+
+
+def _verdict(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.splitlines()):
+        if line.startswith(VERDICT_MARK):
+            try:
+                found = json.loads(line[len(VERDICT_MARK):])
+            except ValueError:
+                return None
+            return found if isinstance(found, dict) else None
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+    return f"{name}, perhaps out of memory" if number == signal.SIGKILL else name
+
+
+def _last_words(text: str) -> str:
+    """The child's last line of output (often LightGBM's `[Fatal]` message), to say why in the same sentence."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(VERDICT_MARK)]
+    fatal = [line for line in lines if "[Fatal]" in line or "Error" in line]
+    last = (fatal or lines or [""])[-1]
+    return f": {last[:300]}" if last else ""

@@ -1,0 +1,183 @@
+"""A bad artifact never takes serving down: every fault of the matrix is refused by the verifier process.
+
+Corrupted copies of one trained model (tests/corrupt.py), stated as local model directories (the same
+verification path as a registry download or the cache). The servers are real processes shared by the
+cells of one mode (single process, workers=2); callers score throughout each cell.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from tabserve_client import ScoringClient, aspired_version
+from tabserve_demo.applicants import FEATURE_NAMES
+from tabserve_demo.processes import ServerProcess
+from tabserve_server.core.artifact import read_files
+from tabserve_server.core.verify import VerifyLimits, verify
+from tabserve_server.errors import ModelLoadError, VerifierFailed
+from tests.corrupt import FAULTS, corrupted_copy
+from tests.support import MODEL_NAME, Server, server_settings, wait_for
+
+# What the status says for each fault: a crash of the parser in words, or the parser's own refusal.
+EXPECTED = {
+    "half": "crashed with signal", "zero": "LightGBM cannot read", "header-only": "crashed with signal",
+    "mid-tree": "crashed with signal", "random": "LightGBM cannot read", "flipped": "crashed with signal",
+    "more-trees": "crashed with signal", "more-features": "LightGBM cannot read",
+    "signature-mismatch": "signature has 188 features, the booster 189",
+}
+
+
+@pytest.fixture(scope="module")
+def faults(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    root = tmp_path_factory.mktemp("faults")
+    good = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(root / "good")))
+    return {"good": good, **{fault: corrupted_copy(good, fault, root / fault) for fault in FAULTS}}
+
+
+class Callers:
+    """Scores one row in a loop until stopped; counts the calls that failed."""
+
+    def __init__(self, target: str) -> None:
+        self.calls = self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(target,), daemon=True)
+        self._thread.start()
+
+    def _run(self, target: str) -> None:
+        with ScoringClient(target, timeout=5) as client:
+            while not self._stop.is_set():
+                try:
+                    client.score(np.zeros((1, len(FEATURE_NAMES))))
+                except Exception:
+                    self.failures += 1
+                self.calls += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["single", "workers2"])
+def server(request: pytest.FixtureRequest, tracking_uri: str, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Server]:
+    """A server serving version 1 from the registry; its cache then holds version 1."""
+    cache = tmp_path_factory.mktemp(f"quarantine-cache-{request.param}")
+    serving = Server(server_settings(tracking_uri, cache, workers=request.param))
+    try:
+        serving.settle_on("1", timeout=120)
+        yield serving
+    finally:
+        serving.close()
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_bad_version_is_refused_on_reload_and_the_old_one_keeps_serving(
+    server: Server, faults: dict[str, Path], fault: str
+) -> None:
+    reason = "crash" if "crashed" in EXPECTED[fault] else "refused"
+    failures = server.metric("tabserve_server_model_load_failures_total", reason=reason) or 0.0
+    pid = server.process.pid
+    callers = Callers(server.target)
+    try:
+        version = f"bad-{fault}"
+        server.control.set_aspired(aspired_version(str(faults[fault]), name=MODEL_NAME, version=version))
+        status = wait_for(
+            lambda: (s := server.status()).failed_version == version and EXPECTED[fault] in s.last_error and s,
+            timeout=60, interval=0.1, what=f"the {fault} version refused",
+        )
+        assert status.serving.version == "1"
+    finally:
+        callers.stop()
+    assert server.process.proc.poll() is None and server.process.pid == pid
+    assert callers.calls > 0 and callers.failures == 0
+    assert EXPECTED[fault] in server.process.stderr()
+    wait_for(lambda: (server.metric("tabserve_server_model_load_failures_total", reason=reason) or 0.0) > failures,
+             timeout=10, what=f"a load failure counted as {reason}")
+    server.settle_on("1")
+
+
+@pytest.mark.parametrize("fault", ["half", "signature-mismatch"])
+def test_start_up_on_a_bad_version_serves_the_cached_one(
+    server: Server, faults: dict[str, Path], fault: str
+) -> None:
+    """Same cache directory as the shared server (read only here: nothing new loads), a bad start-up target."""
+    settings = server_settings(
+        server.settings.tracking_uri, Path(server.settings.cache_dir), workers=server.settings.workers,
+        model_uri=str(faults[fault]), model_name=MODEL_NAME,
+    )
+    with ServerProcess(settings) as started, ScoringClient(started.target, timeout=10) as client:
+        wait_for(lambda: client.health() == "SERVING", timeout=90, what="SERVING from the cache")
+        info = client.model_info()
+        assert (info.loaded_from, info.version) == ("cache", "1")
+        client.score(np.zeros((2, len(FEATURE_NAMES))))
+        wait_for(lambda: EXPECTED[fault] in started.stderr(), timeout=10, what="the reason in the log")
+        assert started.terminate() == 0
+
+
+LIMITS = VerifyLimits(timeout_seconds=60, max_model_bytes=2**30, allow_pyfunc=False)
+
+
+def test_the_verifier_passes_a_good_model_with_the_digest_of_its_bytes(faults: dict[str, Path]) -> None:
+    verdict = verify(faults["good"], "good", LIMITS)
+    assert (verdict.flavor, verdict.features, verdict.fast_path) == ("lightgbm", len(FEATURE_NAMES), True)
+    assert verdict.digest.startswith("sha256:") and verdict.digest == read_files(faults["good"], "good", 2**30).digest
+    assert verdict.digest != read_files(faults["flipped"], "flipped", 2**30).digest
+
+
+def test_a_verifier_past_its_time_limit_is_killed_and_says_so(faults: dict[str, Path]) -> None:
+    started = time.monotonic()
+    with pytest.raises(VerifierFailed, match=r"ran past load_timeout_seconds \(0.05 s\)") as caught:
+        verify(faults["good"], "good", VerifyLimits(0.05, 2**30, False))
+    assert caught.value.reason == "timeout" and time.monotonic() - started < 5
+    assert not _verifiers(), "the verifier process was left running"
+
+
+def test_a_verifier_killed_mid_load_is_a_crash_in_words(faults: dict[str, Path]) -> None:
+    result: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            verify(faults["good"], "models:/credit-default/7", LIMITS)
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    pids = wait_for(_verifiers, timeout=10, interval=0.01, what="the verifier process")
+    os.kill(pids[0], 9)
+    thread.join(30)
+    assert len(result) == 1 and isinstance(result[0], VerifierFailed) and result[0].reason == "crash"
+    assert "crashed with signal 9 (SIGKILL, perhaps out of memory) while loading models:/credit-default/7" in str(
+        result[0])
+
+
+def test_a_model_file_over_max_model_bytes_is_refused_unread(faults: dict[str, Path]) -> None:
+    with pytest.raises(ModelLoadError, match=r"model.lgb is \d+ bytes, more than max_model_bytes \(100000\)"):
+        verify(faults["good"], "good", VerifyLimits(60, 100_000, False))
+
+
+def _verifiers() -> list[int]:
+    """Pids of this process's verifier children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent != os.getpid():
+                continue
+            if b"tabserve_server.core.verify" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
