@@ -1,4 +1,5 @@
-"""`make run` (tabserve_demo.embedded) on a busy port: one clear line, before any banner or training, exit 2."""
+"""A busy port: `make run` (tabserve_demo.embedded) and the server itself print one clear line, before any banner
+or training, and exit 2."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tabserve_demo.embedded import unavailable_address
+from tabserve_common.address import unavailable_address
 from tabserve_demo.processes import free_port
+
+BUSY = "cannot listen on 127.0.0.1:{port}: address already in use"
 
 
 @pytest.fixture
@@ -27,9 +30,7 @@ def busy_port() -> Iterator[int]:
 def test_unavailable_address_names_the_busy_one(busy_port: int) -> None:
     free = free_port()
     assert unavailable_address([f"127.0.0.1:{free}", "127.0.0.1:0"]) is None
-    assert unavailable_address([f"127.0.0.1:{free}", f"127.0.0.1:{busy_port}"]) == (
-        f"cannot listen on 127.0.0.1:{busy_port}: address already in use"
-    )
+    assert unavailable_address([f"127.0.0.1:{free}", f"127.0.0.1:{busy_port}"]) == BUSY.format(port=busy_port)
 
 
 def test_second_run_on_a_busy_port_prints_one_line_and_exits_2(busy_port: int, tmp_path: Path) -> None:
@@ -44,6 +45,18 @@ def test_second_run_on_a_busy_port_prints_one_line_and_exits_2(busy_port: int, t
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert run.returncode == 2, run.stderr[-3000:]
-    assert run.stderr == f"error: cannot listen on 127.0.0.1:{busy_port}: address already in use\n"
+    assert run.stderr == f"error: {BUSY.format(port=busy_port)}\n"
     assert run.stdout == ""
     assert not data_dir.exists(), "the check comes before the registry is bootstrapped (and trained)"
+
+
+def test_server_on_a_busy_port_prints_one_line_and_exits_2(busy_port: int) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TABSERVE_SERVER_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "tabserve_server", "--address", f"127.0.0.1:{busy_port}", "--model-uri", "/nowhere",
+         "--control-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr == f"error: {BUSY.format(port=busy_port)}\n"
+    assert run.stdout == ""

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tabserve_common.address import unavailable_address
 from tabserve_demo.registration import (
     BOOTSTRAP_SEED,
     DEFAULT_ALIAS,
@@ -94,28 +94,6 @@ def bootstrap_embedded_registry(
     logger.info("bootstrapped %s version %s@%s in %.1f s", model_name, version, DEFAULT_ALIAS,
                 time.monotonic() - started)
     return uri
-
-
-def unavailable_address(addresses: Iterable[str]) -> str | None:
-    """The first `host:port` (port 0 skipped) that cannot be bound now, with the reason; None when all can.
-
-    Binds as gRPC does (SO_REUSEADDR), so a port left in TIME_WAIT counts as free and a listening one as busy.
-    """
-    from tabserve_common.address import split_address
-
-    for address in addresses:
-        host, port = split_address(address)
-        if port == 0:
-            continue
-        try:
-            family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-            with socket.socket(family, kind, proto) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(sockaddr)
-        except OSError as exc:
-            reason = (exc.strerror or str(exc)).lower()
-            return f"cannot listen on {address}: {reason}"
-    return None
 
 
 def _listen_addresses(server_args: Sequence[str]) -> list[str]:

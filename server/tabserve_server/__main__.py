@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from tabserve_common.address import unavailable_address
 from tabserve_server.app import ServingApp
 from tabserve_server.settings import ServerSettings
 from tabserve_server.supervisor import Supervisor
@@ -19,6 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # A busy port is one clear line before anything starts (gRPC's own bind failure is a C++ log line).
+    listeners = [settings.address, settings.control_address, settings.metrics_address, settings.health_address]
+    problem = unavailable_address(a for a in listeners if a)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
     try:
         app: ServingApp | Supervisor = ServingApp(settings) if settings.workers == 1 else Supervisor(settings)
         app.start()
