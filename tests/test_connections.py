@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tabserve_client import ScoringClient
+from tabserve_client import Keepalive, ScoringClient
+from tabserve_client.channel import open_channel
 from tabserve_server.app import ServingApp
 from tabserve_server.settings import ServerSettings
 from tabserve_server.transport.connections import connection_options
@@ -79,18 +80,12 @@ def test_the_defaults_become_grpc_arguments() -> None:
 
 
 def _idle_pinging_client(target: str) -> tuple[list[str], set[int]]:
-    """A client that scores, pings every 10 s x SCALE while idle for 60 s x SCALE, then scores again.
+    """A client (the library's `Keepalive`) that calls, pings every 10 s x SCALE while idle for 60 s x SCALE,
+    then calls again.
 
     Returns the channel's connectivity states after it first became READY, and the client ports it used.
     """
-    ping_ms = round(CLIENT_PING_SECONDS * SCALE * 1000)
-    options = [
-        ("grpc.keepalive_time_ms", ping_ms),
-        ("grpc.keepalive_timeout_ms", 5000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),  # keep pinging with no data: the client's own limit is 2
-        ("grpc.enable_retries", 0),
-    ]
+    keepalive = Keepalive(interval_seconds=CLIENT_PING_SECONDS * SCALE)
     port = int(target.rsplit(":", 1)[1])
     states: list[str] = []
     ready = threading.Event()
@@ -101,7 +96,8 @@ def _idle_pinging_client(target: str) -> tuple[list[str], set[int]]:
         elif state is grpc.ChannelConnectivity.READY:
             ready.set()
 
-    with grpc.insecure_channel(target, options=options) as channel, ScoringClient(channel=channel) as client:
+    channel = open_channel(target, [("grpc.enable_retries", 0)], keepalive=keepalive)
+    with channel, ScoringClient(channel=channel) as client:
         channel.subscribe(record)
         client.health()
         ports = client_ports(port)

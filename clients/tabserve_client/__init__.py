@@ -1,6 +1,6 @@
 """Python clients of tabserve: scoring (public port) and control (the monitor's API); grpcio, protobuf, numpy only."""
 
-from tabserve_client.channel import TlsOptions
+from tabserve_client.channel import Keepalive, TlsOptions
 from tabserve_client.client import Feature, ModelInfo, ScoreBatch, ScoringClient, ScoringError
 from tabserve_client.control import ControlClient, ControlError, aspired_version
 
@@ -8,6 +8,7 @@ __all__ = [
     "ControlClient",
     "ControlError",
     "Feature",
+    "Keepalive",
     "ModelInfo",
     "ScoreBatch",
     "ScoringClient",

@@ -1,7 +1,9 @@
-"""The base of the clients: one gRPC channel (plaintext or TLS), closed with the client when the client opened it."""
+"""The base of the clients: one gRPC channel (plaintext or TLS, keepalive pings), closed with the client when the client
+opened it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +47,44 @@ class TlsOptions:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
-def open_channel(target: str, options: Sequence[tuple[str, Any]] = (), tls: TlsOptions | None = None) -> grpc.Channel:
-    """A channel to `target`: TLS with `tls`, plaintext without."""
+@dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive pings, so that a dead connection (a peer gone without a FIN, a NAT or load balancer that
+    dropped the flow) is noticed within `interval_seconds` + `timeout_seconds`, not at the next call's deadline.
+
+    A tabserve server accepts pings every 5 s or slower (its ``keepalive_min_ping_interval_seconds``); a server
+    with gRPC's default policy answers pings more frequent than every 5 minutes with GOAWAY ``too_many_pings``.
+
+    Attributes:
+        interval_seconds: time between pings on a quiet connection.
+        timeout_seconds: how long to wait for a ping's answer before closing the connection.
+        without_calls: ping also while no call is in flight (keeps an idle connection known to be alive).
+    """
+
+    interval_seconds: float = 10.0
+    timeout_seconds: float = 20.0
+    without_calls: bool = True
+
+    def __post_init__(self) -> None:
+        if not (0 < self.interval_seconds < math.inf and 0 < self.timeout_seconds < math.inf):
+            raise ValueError("Keepalive: interval_seconds and timeout_seconds must be positive numbers")
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.keepalive_time_ms", max(1, round(self.interval_seconds * 1000))),
+            ("grpc.keepalive_timeout_ms", max(1, round(self.timeout_seconds * 1000))),
+            ("grpc.keepalive_permit_without_calls", int(self.without_calls)),
+            # gRPC's client stops pinging after 2 pings without data by default: keep pinging a quiet connection.
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+
+def open_channel(
+    target: str, options: Sequence[tuple[str, Any]] = (), tls: TlsOptions | None = None, *,
+    keepalive: Keepalive | None = None,
+) -> grpc.Channel:
+    """A channel to `target`: TLS with `tls`, plaintext without; keepalive pings with `keepalive`."""
+    options = [*options, *(keepalive.channel_options() if keepalive else [])]
     if tls is None:
         return grpc.insecure_channel(target, options=list(options))
     return grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.channel_options()])

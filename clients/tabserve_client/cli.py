@@ -18,6 +18,7 @@ from typing import IO, Any, Final
 
 import grpc
 
+from tabserve_client.cli_connection import add_connection_arguments, connection_arguments
 from tabserve_client.client import ModelInfo, ScoreBatch, ScoringClient, ScoringError
 from tabserve_client.inputs import INPUT_FORMATS, InputError, ParsedInput, error_reason, read_rows
 
@@ -40,7 +41,8 @@ EXIT_CODES_HELP: Final = f"""exit codes:
   {EXIT_FAILED}    the server failed the call or could not be reached (the gRPC status is printed), or
        health is not SERVING, or the health service name is unknown
   {EXIT_USAGE}    bad arguments or bad input (file missing or unreadable, columns that do not match
-       the model, a value that is not a number), or an output file that cannot be written
+       the model, a value that is not a number), a TLS file that cannot be read, or an output
+       file that cannot be written
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 
@@ -324,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT_S,
         help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    add_connection_arguments(common)
     parser = argparse.ArgumentParser(
         prog="tabserve-client",
         description="Command-line client of a tabserve scoring server.",
@@ -351,7 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with ScoringClient(args.target, timeout=args.timeout) as client:
+        client = ScoringClient(args.target, timeout=args.timeout, **connection_arguments(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a TLS file
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with client:
             code: int = args.handler(client, args)
             return code
     except InputError as exc:

@@ -13,7 +13,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from tabserve_client.channel import ChannelClient
+from tabserve_client.channel import ChannelClient, Keepalive, TlsOptions, open_channel
 
 SCORING_SERVICE = "tabserve.scoring.v1.Scoring"
 
@@ -33,6 +33,16 @@ _SERVICE_CONFIG = {
         }
     ]
 }
+# pick_first: one connection to the first address that answers (gRPC's default). round_robin: a connection to
+# every address the target resolves to, calls spread over those that are up: for a `dns:///` target naming
+# a Kubernetes headless Service, whose DNS answer lists every ready pod.
+LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
+
+
+def _service_config(load_balancing: str) -> str:
+    if load_balancing not in LOAD_BALANCING_POLICIES:
+        raise ValueError(f"load_balancing must be one of {', '.join(LOAD_BALANCING_POLICIES)}, got {load_balancing!r}")
+    return json.dumps({**_SERVICE_CONFIG, "loadBalancingConfig": [{load_balancing: {}}]})
 
 
 class ScoringError(Exception):
@@ -109,11 +119,24 @@ class ScoringClient(ChannelClient):
             batch = client.score([{"age": 41.0, ...}])
             print(batch.model_version, batch.scores, batch.decisions)
 
+    Over mutual TLS, to every replica behind a headless Service, pinging every 10 s::
+
+        ScoringClient("dns:///tabserve.scoring.svc.cluster.local:50051", load_balancing="round_robin",
+                      tls=TlsOptions(ca_file="ca.pem", cert_file="client.pem", key_file="client.key"),
+                      keepalive=Keepalive(interval_seconds=10))
+
     Args:
-        target: ``host:port`` of the public port.
+        target: ``host:port`` of the public port, or any gRPC target name (``dns:///name:port``,
+            ``dns://DNS_SERVER:53/name:port``, ``ipv4:addr1:port,addr2:port``).
         timeout: default deadline of each call, in seconds.
         max_message_bytes: largest message sent or received.
-        channel: an existing channel to use instead of creating one (not closed by ``close()``).
+        tls: connect over TLS (see `TlsOptions`; its files are read here, OSError if one cannot be); None: plaintext.
+        keepalive: send HTTP/2 keepalive pings (see `Keepalive`); None: none.
+        load_balancing: ``pick_first`` (one connection) or ``round_robin`` (calls spread over every address the
+            target resolves to, e.g. the pods of a headless Service; the server's connection age makes the
+            client resolve again, so new pods are found).
+        channel: an existing channel to use instead of creating one (not closed by ``close()``); the connection
+            arguments above are then ignored.
     """
 
     def __init__(
@@ -122,18 +145,19 @@ class ScoringClient(ChannelClient):
         *,
         timeout: float = 5.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        tls: TlsOptions | None = None,
+        keepalive: Keepalive | None = None,
+        load_balancing: str = "pick_first",
         channel: grpc.Channel | None = None,
     ) -> None:
         self.timeout = timeout
-        super().__init__(channel or grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        ), own=channel is None)
+        options = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _service_config(load_balancing)),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        super().__init__(channel or open_channel(target, options, tls, keepalive=keepalive), own=channel is None)
         self._stub = scoring_pb2_grpc.ScoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._feature_names: tuple[str, ...] | None = None
