@@ -1,5 +1,6 @@
-"""Test certificates made with `cryptography`: a CA, server certificates for localhost / 127.0.0.1, and client
-certificates whose subject alternative name is the caller's identity. EC P-256 keys: fast to make."""
+"""Test certificates made with `cryptography`: CAs, server certificates for localhost / 127.0.0.1, and client
+certificates whose subject alternative name is the caller's identity (EC P-256 keys: fast to make); `make_pki`
+makes the set the TLS tests share."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tabserve_client import TlsOptions
+
 SERVER_NAMES = ("localhost", "127.0.0.1")
+ALLOWED = "spiffe://tabserve.test/scorer"
+OUTSIDER = "outsider.tabserve.test"
 
 
 @dataclass(frozen=True)
@@ -90,3 +95,34 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The test's certificates: `ca` issued the server's and the clients' (`allowed`, whose SAN is ALLOWED, and
+    `outsider`, OUTSIDER); `other_ca` issued `stranger` (SAN ALLOWED too), which must be refused at the handshake."""
+
+    ca: TestCA
+    other_ca: TestCA
+    server: Issued
+    allowed: Issued
+    outsider: Issued
+    stranger: Issued
+
+    def client(self, issued: Issued | None = None, ca: TestCA | None = None) -> TlsOptions:
+        """TLS options of a client trusting `ca` (default: the main CA), presenting `issued` when given."""
+        ca_file = str((ca or self.ca).cert_file)
+        if issued is None:
+            return TlsOptions(ca_file=ca_file, server_name="localhost")
+        return TlsOptions(ca_file, str(issued.cert_file), str(issued.key_file), "localhost")
+
+
+def make_pki(directory: Path) -> Pki:
+    ca, other = TestCA(directory / "ca", "tabserve-test-ca"), TestCA(directory / "other", "other-ca")
+    return Pki(
+        ca, other,
+        server=ca.issue("server", SERVER_NAMES, server=True),
+        allowed=ca.issue("allowed", (ALLOWED,), server=False),
+        outsider=ca.issue("outsider", (OUTSIDER,), server=False),
+        stranger=other.issue("stranger", (ALLOWED,), server=False),
+    )

@@ -7,6 +7,7 @@ The child processes themselves (server, monitor, `mlflow server`) are in tabserv
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tabserve.control.v1 import control_pb2
-from tabserve_client import ControlClient, aspired_version
+from tabserve_client import ControlClient, TlsOptions, aspired_version
 from tabserve_demo.processes import ServerProcess
 from tabserve_server.settings import ServerSettings
 from tools.debian import ToolUnavailable, ensure_command
@@ -91,9 +92,14 @@ def sample_key(name: str, **labels: str) -> str:
     return f"{name}{{{inner}}}" if inner else name
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Every sample of the /metrics endpoint on loopback `port`, keyed by `sample_key`."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+def scrape(port: int, ca_file: Path | None = None) -> dict[str, float]:
+    """Every sample of the /metrics endpoint on loopback `port`, keyed by `sample_key`; over HTTPS verified with
+    `ca_file` when given (the certificate must name localhost)."""
+    if ca_file is None:
+        url, context = f"http://127.0.0.1:{port}/metrics", None
+    else:
+        url, context = f"https://localhost:{port}/metrics", ssl.create_default_context(cafile=str(ca_file))
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
         text = response.read().decode()
     return {sample_key(s.name, **s.labels): float(s.value)
             for family in text_string_to_metric_families(text) for s in family.samples}
@@ -103,12 +109,15 @@ class Server:
     """The server as a child process (`python -m tabserve_server`) with a control client, the same calls the
     monitor makes, and a /metrics reader. `workers` in the settings > 1 makes it a supervisor."""
 
-    def __init__(self, settings: ServerSettings, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings, extra_env: Mapping[str, str] | None = None, *,
+        control_tls: TlsOptions | None = None, control_token: str = "",
+    ) -> None:
         self.settings = settings
         self.process = ServerProcess(settings, extra_env)
         self.target = self.process.target
         self.control_address = self.process.control_target
-        self.control = ControlClient(self.control_address, timeout=10)
+        self.control = ControlClient(self.control_address, timeout=10, tls=control_tls, token=control_token)
 
     def status(self) -> Any:
         return self.control.status()

@@ -79,6 +79,7 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (MonitorSettings, "tls_cert_file", "client.crt", "needs --tls-key-file set too, got 'client.crt'"),
     (MonitorSettings, "tls_key_file", "client.key", "needs --tls-cert-file set too, got 'client.key'"),
     (MonitorSettings, "tls", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),
+    (MonitorSettings, "control_tls", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),
     (MonitorSettings, "metrics_cert_file", "m.crt", "needs --metrics-key-file set too, got 'm.crt'"),
     (MonitorSettings, "public_address", "server:", "must be host:port (port 0-65535), got 'server:'"),
     (MonitorSettings, "metrics_address", ":-1", "must be host:port (port 0-65535), got ':-1'"),
@@ -133,7 +134,7 @@ def test_every_checked_field_has_a_bad_value_in_the_table() -> None:
         (ServerSettings, {"tls_cert_file": "tls.crt", "tls_key_file": "tls.key", "tls_client_ca_file": "ca.crt",
                           "allowed_callers": "a, b", "health_address": "0.0.0.0:8080"}),
         (MonitorSettings, {"control_address": "10.0.0.5:50052", "control_token_file": "/run/secrets/token",
-                           "tls": True, "tls_cert_file": "c.crt", "tls_key_file": "c.key"}),
+                           "control_tls": True, "tls": True, "tls_cert_file": "c.crt", "tls_key_file": "c.key"}),
         (MonitorSettings, {"alias": "", "stage": "Production", "log_level": "warning"}),
         # A shorter back-off than the poll interval only retries sooner after a failure: allowed.
         (MonitorSettings, {"poll_interval_seconds": 300.0, "backoff_max_seconds": 60.0}),
@@ -232,8 +233,9 @@ def test_the_control_token_is_never_a_flag_and_comes_from_a_file_or_the_environm
     assert "from-env" not in repr(cls.load([], {variable: "from-env"}))
 
 
-def test_a_control_port_off_loopback_needs_tls_too() -> None:
+@pytest.mark.parametrize(("cls", "needed"), [(ServerSettings, "--tls-cert-file"), (MonitorSettings, "--control-tls")])
+def test_a_control_port_off_loopback_needs_tls_too(cls: type[Settings], needed: str) -> None:
     with pytest.raises(SettingsError) as caught:
-        ServerSettings.load(["--control-address=0.0.0.0:50052"], {"TABSERVE_SERVER_CONTROL_TOKEN": "s3cret"})
-    assert str(caught.value) == ("invalid --control-address / TABSERVE_SERVER_CONTROL_ADDRESS: must be loopback "
-                                 "unless --tls-cert-file is set, got '0.0.0.0:50052'")
+        cls.load(["--control-address=10.0.0.5:50052"], {cls.env_name("control_token"): "s3cret"})
+    assert str(caught.value) == (f"invalid --control-address / {cls.env_name('control_address')}: must be loopback "
+                                 f"unless {needed} is set, got '10.0.0.5:50052'")

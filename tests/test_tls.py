@@ -7,7 +7,6 @@ client certificate must be refused at the handshake.
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -28,43 +27,16 @@ from tabserve_client.channel import open_channel
 from tabserve_demo.applicants import make_applicants
 from tabserve_server.app import ServingApp
 from tabserve_server.core.dataplane import RequestContext
-from tests.certs import Issued, TestCA, install
-from tests.support import server_settings, wait_for
+from tests.certs import ALLOWED, OUTSIDER, Pki, install, make_pki
+from tests.support import scrape, server_settings, wait_for
 
 ROWS = make_applicants(3, seed=11)[0]
-ALLOWED = "spiffe://tabserve.test/scorer"
-OUTSIDER = "outsider.tabserve.test"
 TOKEN = "control-s3cret"
-
-
-@dataclasses.dataclass(frozen=True)
-class Pki:
-    ca: TestCA
-    other_ca: TestCA
-    server: Issued
-    allowed: Issued
-    outsider: Issued
-    stranger: Issued  # issued by the other CA
-
-    def client(self, issued: Issued | None = None, ca: TestCA | None = None) -> TlsOptions:
-        """TLS options of a client trusting `ca` (default: the main CA), presenting `issued` when given."""
-        ca_file = str((ca or self.ca).cert_file)
-        if issued is None:
-            return TlsOptions(ca_file=ca_file, server_name="localhost")
-        return TlsOptions(ca_file, str(issued.cert_file), str(issued.key_file), "localhost")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca, other = TestCA(directory / "ca", "tabserve-test-ca"), TestCA(directory / "other", "other-ca")
-    return Pki(
-        ca, other,
-        server=ca.issue("server", ("localhost", "127.0.0.1"), server=True),
-        allowed=ca.issue("allowed", (ALLOWED,), server=False),
-        outsider=ca.issue("outsider", (OUTSIDER,), server=False),
-        stranger=other.issue("stranger", (ALLOWED,), server=False),
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def started(settings: Any) -> ServingApp:
@@ -156,6 +128,7 @@ def mtls_app(tracking_uri: str, pki: Pki, tmp_path_factory: pytest.TempPathFacto
         tracking_uri, directory / "cache", tls_cert_file=str(pki.server.cert_file),
         tls_key_file=str(pki.server.key_file), tls_client_ca_file=str(pki.ca.cert_file), allowed_callers=ALLOWED,
         health_address="127.0.0.1:0", control_address="0.0.0.0:0", control_token_file=str(token_file),
+        metrics_cert_file=str(pki.server.cert_file), metrics_key_file=str(pki.server.key_file),
     ))
     yield app
     app.stop(0)
@@ -226,3 +199,9 @@ def test_scores_are_the_same_over_mtls(mtls_app: ServingApp, pki: Pki) -> None:
         assert model is not None
         expected = model.predictor.booster.predict(ROWS)  # type: ignore[attr-defined]
         np.testing.assert_array_equal(client.score(ROWS).scores, expected)
+
+
+def test_metrics_are_served_over_https_only(mtls_app: ServingApp, pki: Pki) -> None:
+    assert scrape(mtls_app.metrics_port, pki.ca.cert_file)["tabserve_server_serving"] == 1
+    with pytest.raises(OSError):  # plain HTTP to a TLS endpoint: the connection is dropped
+        scrape(mtls_app.metrics_port)

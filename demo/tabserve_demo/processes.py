@@ -173,6 +173,7 @@ class ServerProcess(ChildProcess):
         self.public_port: int = self.ports["public_port"]
         self.control_port: int = self.ports["control_port"]
         self.metrics_port: int = self.ports["metrics_port"]
+        self.health_port: int = self.ports.get("health_port", 0)  # 0: no plaintext health port
 
     @property
     def target(self) -> str:

@@ -59,9 +59,9 @@ class Monitor:
             timeout_seconds=settings.rpc_timeout_seconds, audit_interval_seconds=settings.audit_interval_seconds,
         )
         self._control = ControlClient(settings.control_address, token=settings.control_token_value(),
-                                      timeout=settings.rpc_timeout_seconds, tls=settings.control_tls())
+                                      timeout=settings.rpc_timeout_seconds, tls=settings.control_tls_options())
         # Reconnect quickly to a (re)starting server, as the control client does.
-        self._public_channel = open_channel(settings.public_address, RECONNECT_OPTIONS, settings.public_tls())
+        self._public_channel = open_channel(settings.public_address, RECONNECT_OPTIONS, settings.public_tls_options())
         self._health = health_pb2_grpc.HealthStub(self._public_channel)
         self._scoring = scoring_pb2_grpc.ScoringStub(self._public_channel)
         self._canary_request: Any = None  # sized for the version in `_canary_version`

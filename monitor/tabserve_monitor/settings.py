@@ -32,9 +32,13 @@ class MonitorSettings(Settings):
         above=0,
     )
     control_address: str = setting(
-        "127.0.0.1:50052", "Control listener of the server (SetAspiredVersion, GetStatus): plaintext on loopback; "
-        "any other address is spoken to over TLS (verified with tls_ca_file) and needs a control token.",
+        "127.0.0.1:50052", "Control listener of the server (SetAspiredVersion, GetStatus). Any address but "
+        "loopback needs control_tls and a control token.",
         address=True,
+    )
+    control_tls: bool = setting(
+        False, "Speak TLS to the control port (verified with tls_ca_file), as a server whose control address is "
+        "not loopback requires."
     )
     control_token: str = setting(
         "", "Bearer token sent on control calls; empty: none. A secret: environment only.", env_only=True
@@ -75,23 +79,23 @@ class MonitorSettings(Settings):
         self.require_together("tls_cert_file", "tls_key_file")
         self.require_together("metrics_cert_file", "metrics_key_file")
         self.exclusive("control_token", "control_token_file")
-        if not self.control_on_loopback and not (self.control_token or self.control_token_file):
-            raise self.invalid("control_address", "must be loopback unless a control token is set "
-                               "(--control-token-file or TABSERVE_MONITOR_CONTROL_TOKEN)", self.control_address)
+        if not is_loopback(split_address(self.control_address)[0]):
+            if not (self.control_token or self.control_token_file):
+                raise self.invalid("control_address", "must be loopback unless a control token is set "
+                                   "(--control-token-file or TABSERVE_MONITOR_CONTROL_TOKEN)", self.control_address)
+            if not self.control_tls:
+                raise self.invalid("control_address", "must be loopback unless --control-tls is set",
+                                   self.control_address)
 
-    @property
-    def control_on_loopback(self) -> bool:
-        return is_loopback(split_address(self.control_address)[0])
-
-    def public_tls(self) -> TlsOptions | None:
+    def public_tls_options(self) -> TlsOptions | None:
         """TLS towards the public port; None: plaintext."""
         if not self.tls:
             return None
         return TlsOptions(self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.tls_server_name)
 
-    def control_tls(self) -> TlsOptions | None:
-        """TLS towards the control port: off loopback only (as the server binds it), server authentication only."""
-        if self.control_on_loopback:
+    def control_tls_options(self) -> TlsOptions | None:
+        """TLS towards the control port (server authentication only: the token authenticates the monitor)."""
+        if not self.control_tls:
             return None
         return TlsOptions(self.tls_ca_file, server_name=self.tls_server_name)
 
