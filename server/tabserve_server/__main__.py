@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         app: ServingApp | Supervisor = ServingApp(settings) if settings.workers == 1 else Supervisor(settings)
         app.start()
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # OSError: a TLS file that cannot be read or loaded
         logging.getLogger("tabserve_server").error("cannot start: %s", exc)
         return 2
     stop = threading.Event()
