@@ -9,6 +9,7 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
   h2load         the same, single-row throughput from h2load                         bench/h2load.py
   reload         p99 and failed calls while the version is switched under load       bench/serving.py
   multi-worker   several SO_REUSEPORT workers vs the single-process reference        bench/h2load.py
+  mtls           single-row throughput over mutual TLS vs plaintext                  bench/mtls.py
   monitor-poll   monitor per-poll cost, 500 versions vs 1                            bench/monitor_poll.py
   reload-memory  RSS after 50 reloads vs after 1                                     bench/reload_memory.py
 (each returns a dict of the shape in bench/report.py). The exit code is 0 only when every section is "ok".
@@ -35,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compute, h2load, monitor_poll, reload_memory, serving
+from bench import compute, h2load, monitor_poll, mtls, reload_memory, serving
 from bench.model import FULL, TINY, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown
@@ -126,6 +127,9 @@ def run_all(quick: bool) -> dict[str, Any]:
         _guarded("multi-worker", sections, lambda: h2load.run_multi_worker(
             h2load.ensure_h2load(), workdir, rows, reference=reference, quick=quick,
             start_server=start_server, wait_serving=wait_serving,
+        ))
+        _guarded("mtls", sections, lambda: mtls.run(
+            workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
         ))
         children.close()  # servers stop before the sections that start their own
     _guarded("monitor-poll", sections, lambda: monitor_poll.run(quick))

@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tabserve_client import TlsOptions
+from tabserve_client.channel import open_channel
 from tabserve_demo.processes import ChildProcess, ServerProcess
 from tabserve_server.settings import ENV_PREFIX
 
@@ -56,10 +58,10 @@ def start_reference_server(model_file: Path, workdir: Path, model_name: str, ver
                         name="reference server")
 
 
-def wait_serving(target: str, timeout: float = 180.0) -> None:
+def wait_serving(target: str, timeout: float = 180.0, tls: TlsOptions | None = None) -> None:
     """Wait until grpc.health.v1 says SERVING (the project server loads its model after it listens)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, (), tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -70,7 +70,7 @@ def _sequential(call: Call, singles: Sequence[np.ndarray], calls: int, offset: i
     return samples
 
 
-def _concurrent(call: Call, singles: Sequence[np.ndarray], total: int, callers: int) -> tuple[float, int]:
+def concurrent_calls(call: Call, singles: Sequence[np.ndarray], total: int, callers: int) -> tuple[float, int]:
     """Calls/s of `total` calls spread over `callers` threads, and how many raised."""
     per_caller = max(1, total // callers)
     failures = [0] * callers
@@ -137,7 +137,7 @@ def run(project_target: str, reference_target: str, rows: np.ndarray, quick: boo
         # Single-row throughput, 16 concurrent Python callers on one channel.
         total = 160 if quick else 4000
         for server, gen in combos:
-            rate, failed = _concurrent(gens[server].call(gen), singles, total, CALLERS)
+            rate, failed = concurrent_calls(gens[server].call(gen), singles, total, CALLERS)
             result.add(f"single row, {CALLERS} callers: throughput", server, gen, rate, "calls/s", samples=total)
             if failed:
                 result.notes.append(f"{server} via {gen}: {failed} failed calls under {CALLERS} callers")
