@@ -92,6 +92,11 @@ def sample_key(name: str, **labels: str) -> str:
     return f"{name}{{{inner}}}" if inner else name
 
 
+def score_calls(metrics: dict[str, float]) -> float:
+    """Score calls answered OK, from `scrape`'s samples."""
+    return metrics.get(sample_key("tabserve_server_requests_total", code="OK", method=SCORE_METHOD), 0.0)
+
+
 def scrape(port: int, ca_file: Path | None = None) -> dict[str, float]:
     """Every sample of the /metrics endpoint on loopback `port`, keyed by `sample_key`; over HTTPS verified with
     `ca_file` when given (the certificate must name localhost)."""

@@ -1,4 +1,5 @@
-"""Connections of the public port: the keepalive policy it enforces and the connection age (GOAWAY with grace).
+"""Connections of the public port: the keepalive policy it enforces and the connection age (GOAWAY with grace),
+which also moves one long-lived client over the SO_REUSEPORT workers.
 
 Real servers on loopback; which TCP connections a client holds is read from the kernel (/proc/net/tcp{,6}).
 
@@ -26,7 +27,7 @@ from tabserve_client.channel import open_channel
 from tabserve_server.app import ServingApp
 from tabserve_server.settings import ServerSettings
 from tabserve_server.transport.connections import connection_options
-from tests.support import server_settings, wait_for
+from tests.support import Server, score_calls, scrape, server_settings, wait_for
 
 SCALE = 0.1
 CLIENT_PING_SECONDS = 10.0
@@ -149,3 +150,23 @@ def test_one_connection_keeps_scoring_through_goaways_with_no_failed_call(servin
     assert calls > 50
     # 4 s at an age of 0.5 s +/- 10 %: about 8 connections, one after the other.
     assert len(ports) >= 4, ports
+
+
+@pytest.mark.timeout(300)
+def test_the_connection_age_moves_one_client_over_every_worker(tracking_uri: str, tmp_path: Path) -> None:
+    # SO_REUSEPORT hands each new connection to a worker by a hash of its addresses: one long-lived channel
+    # stays on one worker unless the server ends the connection and the client opens another.
+    server = Server(server_settings(tracking_uri, tmp_path / "cache", workers=2, max_connection_age_seconds=0.3,
+                                    max_connection_age_grace_seconds=5.0))
+    try:
+        wait_for(lambda: server.settled_on("1"), timeout=180, interval=0.2, what="both workers serving")
+        with ScoringClient(server.target, timeout=10) as client:
+            row = np.zeros((1, len(client.feature_names())))
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                client.score(row)
+        # About 16 connections, each to either worker: all on one has a chance of about 2**-15.
+        per_worker = [score_calls(scrape(w.metrics_port)) for w in server.status().workers]
+        assert len(per_worker) == 2 and min(per_worker) > 0, per_worker
+    finally:
+        server.close()

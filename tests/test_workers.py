@@ -28,7 +28,7 @@ from tabserve_demo.processes import MonitorProcess
 from tabserve_demo.registration import register_demo_version
 from tabserve_server.app import ServingApp
 from tabserve_server.core.model import AspiredVersion
-from tests.support import MODEL_NAME, SCORE_METHOD, Server, sample_key, scrape, server_settings, wait_for
+from tests.support import MODEL_NAME, Server, sample_key, score_calls, scrape, server_settings, wait_for
 
 ROWS = make_applicants(3, seed=99)[0]
 GOOD = ("1", "2")  # the module registry's good versions; 1 is under the alias `production`
@@ -44,10 +44,6 @@ def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def other_good(version: str) -> str:
     """The good version that is not `version`: where a test that needs a reload moves the server."""
     return GOOD[1] if version == GOOD[0] else GOOD[0]
-
-
-def score_calls(metrics: dict[str, float]) -> float:
-    return metrics.get(sample_key("tabserve_server_requests_total", code="OK", method=SCORE_METHOD), 0.0)
 
 
 def versions_over_fresh_channels(target: str, channels: int, calls: int = 2) -> list[str]:
