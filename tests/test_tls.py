@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ControlClient, ControlError, ScoringClient, ScoringError, TlsOptions
@@ -78,6 +78,8 @@ def tls_app(tracking_uri: str, pki: Pki, tmp_path_factory: pytest.TempPathFactor
 def test_server_only_tls_scores_and_refuses_plaintext(tls_app: ServingApp, pki: Pki) -> None:
     target = f"127.0.0.1:{tls_app.public_port}"
     assert score(target, pki.client()) == "1"
+    # Without an allow-list no metric carries a caller.
+    assert "tabserve_server_caller_requests_total{" not in generate_latest(tls_app.metrics.registry).decode()
     assert refused(lambda: score(target, None)).code == grpc.StatusCode.UNAVAILABLE
     # A server certificate from a CA the client does not trust fails the handshake too.
     assert refused(lambda: score(target, pki.client(ca=pki.other_ca))).code == grpc.StatusCode.UNAVAILABLE
@@ -153,6 +155,8 @@ def test_allowed_caller_scores_and_the_data_plane_knows_who_asked(
     monkeypatch.setattr(mtls_app.dataplane, "score", spy)
     assert score(f"127.0.0.1:{mtls_app.public_port}", pki.client(pki.allowed)) == "1"
     assert seen == [RequestContext(caller=ALLOWED)]
+    registry = mtls_app.metrics.registry
+    assert registry.get_sample_value("tabserve_server_caller_requests_total", {"caller": ALLOWED}) == 1
 
 
 def test_caller_outside_the_allow_list_gets_permission_denied_naming_it(mtls_app: ServingApp, pki: Pki) -> None:
@@ -163,6 +167,7 @@ def test_caller_outside_the_allow_list_gets_permission_denied_naming_it(mtls_app
     assert registry.get_sample_value(
         "tabserve_server_requests_total",
         {"method": "tabserve.scoring.v1.Scoring/Score", "code": "PERMISSION_DENIED"}) == 1
+    assert registry.get_sample_value("tabserve_server_caller_requests_total", {"caller": OUTSIDER}) is None
 
 
 def test_health_port_is_plaintext_and_serves_health_only(mtls_app: ServingApp) -> None:

@@ -71,6 +71,11 @@ class ServerMetrics:
             PREFIX + "request_duration_seconds", "Time spent handling a public RPC, by method.", ["method"],
             buckets=LATENCY_BUCKETS, registry=registry,
         )
+        # The caller is a label only here, and only with allowed_callers: the allow-list bounds its values.
+        self.caller_requests = Counter(
+            PREFIX + "caller_requests", "Public RPCs let through the allow-list, by caller identity (client "
+            "certificate SAN); no samples without allowed_callers.", ["caller"], registry=registry,
+        )
         self.rows_scored = Counter(PREFIX + "rows_scored", "Rows scored successfully.", registry=registry)
         self.in_flight = Gauge(PREFIX + "requests_in_flight", "Public RPCs being handled now.", registry=registry)
         self.model_info = Gauge(

@@ -48,6 +48,7 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         self._policy = policy
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         self._children: dict[tuple[str, str], Any] = {}
+        self._callers: dict[str, Any] = {}
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -78,6 +79,14 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         children[0].inc()
         children[1].observe(seconds)
 
+    def _count_caller(self, caller: str) -> None:
+        if self._metrics is None:
+            return
+        child = self._callers.get(caller)
+        if child is None:
+            child = self._callers[caller] = self._metrics.caller_requests.labels(caller)
+        child.inc()
+
     def _behavior(
         self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any], probe: bool
     ) -> Callable[..., Any]:
@@ -95,7 +104,7 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
                 metrics.in_flight.inc()
             try:
                 if policy is not None:
-                    policy.check(context)
+                    self._count_caller(policy.check(context))
                 return inner(request, context)
             except ServingError as exc:
                 status = status_of(exc)
