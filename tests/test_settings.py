@@ -20,7 +20,7 @@ from tabserve_demo.processes import prefixed_env
 from tabserve_monitor.settings import MonitorSettings
 from tabserve_server.settings import ServerSettings
 
-NEEDS_TOKEN = "must be loopback unless a control token is set"
+NEEDS_TOKEN = "must be loopback unless --control-token-file or TABSERVE_{}_CONTROL_TOKEN is set"
 # (settings class, field, text given, what the error says after "invalid --flag / VARIABLE: ")
 BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "workers", "-3", "must be >= 0, got -3"),
@@ -52,10 +52,8 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "address", "localhost", "must be host:port (port 0-65535), got 'localhost'"),
     (ServerSettings, "address", "0.0.0.0:65536", "must be host:port (port 0-65535), got '0.0.0.0:65536'"),
     (ServerSettings, "control_address", "127.0.0.1:ctl", "must be host:port (port 0-65535), got '127.0.0.1:ctl'"),
-    (ServerSettings, "control_address", "0.0.0.0:0", f"{NEEDS_TOKEN} (--control-token-file or "
-     "TABSERVE_SERVER_CONTROL_TOKEN), got '0.0.0.0:0'"),
-    (ServerSettings, "control_address", ":50052", f"{NEEDS_TOKEN} (--control-token-file or "
-     "TABSERVE_SERVER_CONTROL_TOKEN), got ':50052'"),
+    (ServerSettings, "control_address", "0.0.0.0:0", NEEDS_TOKEN.format("SERVER") + ", got '0.0.0.0:0'"),
+    (ServerSettings, "control_address", ":50052", NEEDS_TOKEN.format("SERVER") + ", got ':50052'"),
     (ServerSettings, "health_address", "health", "must be host:port (port 0-65535) or empty, got 'health'"),
     (ServerSettings, "tls_cert_file", "tls.crt", "needs --tls-key-file set too, got 'tls.crt'"),
     (ServerSettings, "tls_key_file", "tls.key", "needs --tls-cert-file set too, got 'tls.key'"),
@@ -74,8 +72,7 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (MonitorSettings, "backoff_max_seconds", "0", "must be > 0, got 0.0"),
     (MonitorSettings, "rpc_timeout_seconds", "0", "must be > 0, got 0.0"),
     (MonitorSettings, "control_address", "server", "must be host:port (port 0-65535), got 'server'"),
-    (MonitorSettings, "control_address", "10.0.0.5:50052", f"{NEEDS_TOKEN} (--control-token-file or "
-     "TABSERVE_MONITOR_CONTROL_TOKEN), got '10.0.0.5:50052'"),
+    (MonitorSettings, "control_address", "10.0.0.5:50052", NEEDS_TOKEN.format("MONITOR") + ", got '10.0.0.5:50052'"),
     (MonitorSettings, "tls_cert_file", "client.crt", "needs --tls-key-file set too, got 'client.crt'"),
     (MonitorSettings, "tls_key_file", "client.key", "needs --tls-cert-file set too, got 'client.key'"),
     (MonitorSettings, "tls", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, Self
 
-from tabserve_common.address import split_address
+from tabserve_common.address import is_loopback, split_address
 
 __all__ = ["LOG_LEVELS", "Settings", "SettingsError", "setting", "settings_table"]
 
@@ -156,6 +156,22 @@ class Settings:
         """`name`, when set, needs `needed` set too (e.g. a client CA needs the server's own certificate)."""
         if getattr(self, name) and not getattr(self, needed):
             raise self.invalid(name, f"needs {_flag(needed)} set too", getattr(self, name))
+
+    def loopback_unless(self, name: str, *needed: tuple[str, ...]) -> None:
+        """The address `name` must be loopback unless every group in `needed` has one of its settings set (e.g.
+        a token given either way, and TLS)."""
+        if is_loopback(split_address(getattr(self, name))[0]):
+            return
+        for group in needed:
+            if not any(getattr(self, other) for other in group):
+                given = " or ".join(self._source(other) for other in group)
+                raise self.invalid(name, f"must be loopback unless {given} is set", getattr(self, name))
+
+    @classmethod
+    def _source(cls, name: str) -> str:
+        """How a setting is given: its flag, or its variable for an `env_only` one."""
+        env_only = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("env_only")
+        return cls.env_name(name) if env_only else _flag(name)
 
     def exclusive(self, name: str, other: str) -> None:
         """Two ways of giving one thing (a secret's value and its file): at most one of them."""

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tabserve_client.channel import TlsOptions
-from tabserve_common.address import is_loopback, split_address
 from tabserve_common.secrets import read_secret
 from tabserve_common.settings import LOG_LEVELS, Settings, setting
 
@@ -79,13 +78,7 @@ class MonitorSettings(Settings):
         self.require_together("tls_cert_file", "tls_key_file")
         self.require_together("metrics_cert_file", "metrics_key_file")
         self.exclusive("control_token", "control_token_file")
-        if not is_loopback(split_address(self.control_address)[0]):
-            if not (self.control_token or self.control_token_file):
-                raise self.invalid("control_address", "must be loopback unless a control token is set "
-                                   "(--control-token-file or TABSERVE_MONITOR_CONTROL_TOKEN)", self.control_address)
-            if not self.control_tls:
-                raise self.invalid("control_address", "must be loopback unless --control-tls is set",
-                                   self.control_address)
+        self.loopback_unless("control_address", ("control_token_file", "control_token"), ("control_tls",))
 
     def public_tls_options(self) -> TlsOptions | None:
         """TLS towards the public port; None: plaintext."""

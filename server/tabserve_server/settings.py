@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tabserve_common.address import is_loopback, split_address
 from tabserve_common.secrets import read_secret
 from tabserve_common.settings import LOG_LEVELS, Settings, setting
 
@@ -133,13 +132,7 @@ class ServerSettings(Settings):
         self.require("allowed_callers", "tls_client_ca_file")
         self.require_together("metrics_cert_file", "metrics_key_file")
         self.exclusive("control_token", "control_token_file")
-        if not is_loopback(split_address(self.control_address)[0]):
-            if not (self.control_token or self.control_token_file):
-                raise self.invalid("control_address", "must be loopback unless a control token is set "
-                                   "(--control-token-file or TABSERVE_SERVER_CONTROL_TOKEN)", self.control_address)
-            if not self.tls_cert_file:
-                raise self.invalid("control_address", "must be loopback unless --tls-cert-file is set",
-                                   self.control_address)
+        self.loopback_unless("control_address", ("control_token_file", "control_token"), ("tls_cert_file",))
         if self.retry_initial_seconds > self.retry_max_seconds:
             raise self.invalid(
                 "retry_initial_seconds", f"must be <= --retry-max-seconds ({self.retry_max_seconds})",
