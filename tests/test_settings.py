@@ -29,7 +29,8 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "max_message_bytes", "0", "must be >= 1 and <= 2147483647, got 0"),
     (ServerSettings, "max_message_bytes", str(2**31), f"must be >= 1 and <= 2147483647, got {2**31}"),
     (ServerSettings, "max_workers", "0", "must be >= 1, got 0"),
-    (ServerSettings, "max_concurrent_rpcs", "-1", "must be >= 0, got -1"),
+    (ServerSettings, "max_waiting", "-1", "must be >= 0, got -1"),
+    (ServerSettings, "caller_share", "1.5", "must be > 0 and <= 1, got 1.5"),
     (ServerSettings, "predict_threads", "-1", "must be >= 0, got -1"),
     (ServerSettings, "shutdown_grace_seconds", "-1", "must be >= 0, got -1.0"),
     (ServerSettings, "registry_timeout_seconds", "0", "must be > 0, got 0.0"),
@@ -120,7 +121,7 @@ def test_every_checked_field_has_a_bad_value_in_the_table() -> None:
 @pytest.mark.parametrize(
     ("cls", "values"),
     [
-        (ServerSettings, {"workers": 0, "max_concurrent_rpcs": 0, "predict_threads": 0, "shutdown_grace_seconds": 0}),
+        (ServerSettings, {"workers": 0, "max_waiting": 0, "predict_threads": 0, "shutdown_grace_seconds": 0}),
         (ServerSettings, {"default_threshold": 0.0, "max_rows": 1, "max_message_bytes": 2**31 - 1}),
         (ServerSettings, {"default_threshold": 1.0, "retry_initial_seconds": 5.0, "retry_max_seconds": 5.0}),
         (ServerSettings, {"address": "[::1]:0", "control_address": "localhost:65535", "metrics_address": ":9100"}),

@@ -30,6 +30,7 @@ from tabserve_server.core.model import AspiredVersion, LoadedModel
 from tabserve_server.listeners import control_tls, public_tls, start_metrics_server
 from tabserve_server.metrics import ServerMetrics
 from tabserve_server.settings import ServerSettings
+from tabserve_server.transport.admission import CORE_OPTIONS, Admission, AdmissionExecutor, Limits
 from tabserve_server.transport.connections import connection_options
 from tabserve_server.transport.control import ControlServicer
 from tabserve_server.transport.edge import Edge
@@ -153,14 +154,17 @@ class ServingApp:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if self.supervised else 0),
             *connection_options(s),
+            *CORE_OPTIONS,
         ]
         allowed = s.allowed_caller_set()
-        self._public = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=s.max_workers, thread_name_prefix="public"),
-            interceptors=[Edge(self.metrics, self.accepting, CallerPolicy(allowed) if allowed else None)],
-            options=options,
-            maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
+        pool = AdmissionExecutor(s.max_workers)
+        self.admission = Admission(
+            Limits(s.max_workers, s.waiting_limit, s.max_queue_seconds, s.caller_share), pool.queued_now, pool.waited
         )
+        self.metrics.waiting.set_function(pool.queued_now)
+        edge = Edge(self.metrics, self.accepting, CallerPolicy(allowed) if allowed else None, self.admission,
+                    identify=bool(s.tls_client_ca_file))
+        self._public = grpc.server(pool, interceptors=[edge], options=options)
         scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(self.dataplane), self._public)
         open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, self.accepting), self._public

@@ -78,6 +78,14 @@ class ServerMetrics:
         )
         self.rows_scored = Counter(PREFIX + "rows_scored", "Rows scored successfully.", registry=registry)
         self.in_flight = Gauge(PREFIX + "requests_in_flight", "Public RPCs being handled now.", registry=registry)
+        self.waiting = Gauge(
+            PREFIX + "requests_waiting", "Public RPCs queued for a worker thread (admitted, not yet started).",
+            registry=registry,
+        )
+        self.refused = Counter(
+            PREFIX + "requests_refused", "Public RPCs refused for load (UNAVAILABLE with pushback), by reason "
+            "(queue_full, queue_time, deadline, caller_share).", ["reason"], registry=registry,
+        )
         self.model_info = Gauge(
             PREFIX + "model_info", "The served model version (value 1).",
             ["model_name", "model_version", "loaded_from"], registry=registry,

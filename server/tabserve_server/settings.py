@@ -81,9 +81,22 @@ class ServerSettings(Settings):
         64 * 1024 * 1024, "Largest request or response message, in bytes.", minimum=1, maximum=2**31 - 1
     )
     max_rows: int = setting(100_000, "Largest number of rows in one request (RESOURCE_EXHAUSTED above).", minimum=1)
-    max_workers: int = setting(16, "gRPC worker threads of the public listener.", minimum=1)
-    max_concurrent_rpcs: int = setting(
-        0, "Concurrent public RPCs before RESOURCE_EXHAUSTED; 0: unlimited.", minimum=0
+    max_workers: int = setting(
+        16, "gRPC worker threads of the public listener: the bound on public calls in flight (per process).",
+        minimum=1,
+    )
+    # Admission control (transport/admission.py): refusals for load are UNAVAILABLE with a pushback trailer.
+    max_waiting: int = setting(
+        0, "Public calls queued for a worker thread before new ones are refused (UNAVAILABLE, overloaded); "
+        "0: 2 x max_workers.", minimum=0,
+    )
+    max_queue_seconds: float = setting(
+        0.25, "Longest a public call may wait for a worker thread; one that waited longer is refused unstarted.",
+        above=0,
+    )
+    caller_share: float = setting(
+        0.5, "Largest share of max_workers one caller identity (mutual TLS) may hold in flight; more is refused "
+        "(UNAVAILABLE, overloaded). 1: no per-caller limit.", above=0, maximum=1,
     )
     workers: int = setting(
         1, "Worker processes sharing the public port (SO_REUSEPORT); 0: one per core.", minimum=0
@@ -138,6 +151,10 @@ class ServerSettings(Settings):
                 "retry_initial_seconds", f"must be <= --retry-max-seconds ({self.retry_max_seconds})",
                 self.retry_initial_seconds,
             )
+
+    @property
+    def waiting_limit(self) -> int:
+        return self.max_waiting or 2 * self.max_workers
 
     @property
     def tls(self) -> bool:

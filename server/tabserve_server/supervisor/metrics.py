@@ -18,6 +18,7 @@ SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]  # family, sample name,
 # How each gauge of the workers combines into the server's one value; counters and histograms add up.
 _GAUGE_MERGE: dict[str, Callable[[list[float]], float]] = {
     PREFIX + "requests_in_flight": sum,
+    PREFIX + "requests_waiting": sum,
     PREFIX + "serving": min,
     PREFIX + "model_load_failing": max,
 }

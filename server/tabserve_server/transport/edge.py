@@ -1,7 +1,10 @@
-"""The edge every RPC passes through: drain check, caller allow-list, error mapping (one table), metrics.
+"""The edge every RPC passes through: drain check, admission control, caller allow-list, error mapping (one
+table), metrics.
 
 Servicers only translate messages and raise the core's errors; this interceptor turns them into
-status codes, logs unexpected ones with their traceback as INTERNAL, and records the call.
+status codes, logs unexpected ones with their traceback as INTERNAL, and records the call. A call refused for
+load (transport/admission.py) is answered UNAVAILABLE with the refusal's words and gRFC A6's
+`grpc-retry-pushback-ms` trailer, and counted by reason.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import grpc
 
 from tabserve_server.errors import DeadlineExceeded, ServingError
 from tabserve_server.metrics import ServerMetrics
+from tabserve_server.transport.admission import Admission, Refusal
 from tabserve_server.transport.errors import status_of
-from tabserve_server.transport.identity import CallerPolicy
+from tabserve_server.transport.identity import CallerPolicy, caller_identity
 
 log = logging.getLogger(__name__)
 
 _EXEMPT = ("/grpc.health.v1.", "/grpc.reflection.")
 # Probes answer while not serving (that is their job), so they skip the drain check but not error mapping.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _PROBES = (
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
@@ -37,15 +42,19 @@ def check_deadline(context: grpc.ServicerContext) -> None:
 
 
 class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
-    """`policy`: the allow-list of callers, checked on every call but health and reflection."""
+    """`policy`: the allow-list of callers, checked on every call but health and reflection; `admission`: the
+    load policy of every call but health, reflection and the V2 probes; `identify`: callers have identities
+    (mutual TLS), so admission can hold each to its share."""
 
     def __init__(
         self, metrics: ServerMetrics | None, accepting: Callable[[], bool] | None = None,
-        policy: CallerPolicy | None = None,
+        policy: CallerPolicy | None = None, admission: Admission | None = None, identify: bool = False,
     ) -> None:
         self._metrics = metrics
         self._accepting = accepting
         self._policy = policy
+        self._admission = admission
+        self._identify = identify
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         self._children: dict[tuple[str, str], Any] = {}
         self._callers: dict[str, Any] = {}
@@ -55,6 +64,14 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         if handler is None or handler.unary_unary is None or method.startswith(_EXEMPT):
             return handler
+        if self._admission is not None and method not in _PROBES:
+            refusal = self._admission.arrive()
+            if refusal is not None:
+                return grpc.unary_unary_rpc_method_handler(
+                    self._refuser(method.lstrip("/"), refusal),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
             wrapped = grpc.unary_unary_rpc_method_handler(
@@ -87,18 +104,38 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
             child = self._callers[caller] = self._metrics.caller_requests.labels(caller)
         child.inc()
 
+    def _refuse(self, method: str, refusal: Refusal, context: grpc.ServicerContext, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.refused.labels(refusal.reason).inc()
+        self._count(method, "UNAVAILABLE", seconds)
+        context.set_trailing_metadata(((PUSHBACK_KEY, str(refusal.pushback_ms)),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, refusal.message)
+
+    def _refuser(self, method: str, refusal: Refusal) -> Callable[..., Any]:
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            self._refuse(method, refusal, context, 0.0)
+
+        return refuse
+
     def _behavior(
         self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any], probe: bool
     ) -> Callable[..., Any]:
         metrics = self._metrics
         accepting = None if probe else self._accepting
         policy = self._policy
+        admission = None if probe else self._admission
+        identify = self._identify
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             if accepting is not None and not accepting():
                 self._count(method, "UNAVAILABLE", 0.0)
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server is not serving (starting or shutting down)")
+            caller = caller_identity(context) if identify else ""
+            if admission is not None:
+                refusal = admission.start(caller, context.time_remaining())
+                if refusal is not None:
+                    self._refuse(method, refusal, context, time.perf_counter() - started)
             code = "OK"
             if metrics is not None:
                 metrics.in_flight.inc()
@@ -115,8 +152,11 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
                 log.exception("unexpected error in %s", method)
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server log")
             finally:
+                seconds = time.perf_counter() - started
                 if metrics is not None:
                     metrics.in_flight.dec()
-                self._count(method, code, time.perf_counter() - started)
+                if admission is not None:
+                    admission.finish(caller, seconds)
+                self._count(method, code, seconds)
 
         return behavior

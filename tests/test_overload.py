@@ -1,0 +1,132 @@
+"""Overload: admission control of the public port (transport/admission.py) under a flood, and its policy by table.
+
+The flood runs against a real server process on loopback with a small pool (4 threads, 8 waiting), so a few
+thousand concurrent single-row calls over several connections overload it within seconds on any machine.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tabserve_server.transport.admission import Admission, Limits
+from tabserve_server.transport.edge import PUSHBACK_KEY
+from tests.support import SCORE_METHOD, Server, server_settings
+
+CONNECTIONS = 6
+# At this size gRPC core's own pending-request limits shed calls as CANCELLED (measured: 2,526 of 10,000 without
+# admission.CORE_OPTIONS); the flood takes 5-10 s on 2 shared cores.
+CALLS = 10000
+FEATURES = 189
+
+
+@pytest.fixture(scope="module")
+def server(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = server_settings(tracking_uri, tmp_path_factory.mktemp("overload") / "cache", max_workers=4,
+                               max_waiting=8, max_queue_seconds=0.1)
+    running = Server(settings)
+    try:
+        running.settle_on("1")
+        yield running
+    finally:
+        running.close()
+
+
+def flood(target: str, calls: int, timeout: float = 60.0) -> list[tuple[grpc.StatusCode, str, dict[str, str]]]:
+    """`calls` concurrent single-row Score calls over CONNECTIONS channels: (code, details, trailers) of each."""
+    request = scoring_pb2.ScoreRequest()
+    request.matrix.float64_le = np.full((1, FEATURES), np.nan).tobytes()
+    request.matrix.num_rows = 1
+    channels = [grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(CONNECTIONS)]
+    try:
+        stubs = [scoring_pb2_grpc.ScoringStub(c) for c in channels]
+        pending = [stubs[i % CONNECTIONS].Score.future(request, timeout=timeout) for i in range(calls)]
+        results = []
+        for future in pending:
+            exc = future.exception(timeout=timeout + 10)
+            call: Any = exc if exc is not None else future
+            trailers = {k: v for k, v in (call.trailing_metadata() or ())}
+            code = grpc.StatusCode.OK if exc is None else call.code()
+            results.append((code, "" if exc is None else call.details(), trailers))
+        return results
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_flood_ends_every_call_ok_or_overloaded_and_every_refusal_is_counted(server: Server) -> None:
+    before = server.metrics()
+    results = flood(server.target, CALLS)
+    after = server.metrics()
+    codes = Counter(code for code, _, _ in results)
+    refused = [(details, trailers) for code, details, trailers in results if code == grpc.StatusCode.UNAVAILABLE]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert codes[grpc.StatusCode.OK] > 0 and refused, codes  # it was overloaded, and still served
+    assert all("overloaded" in details for details, _ in refused), refused[:3]
+    assert all(int(trailers[PUSHBACK_KEY]) > 0 for _, trailers in refused), refused[:3]
+
+    def delta(name: str, **labels: str) -> float:
+        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    counted = sum(delta("tabserve_server_requests_refused_total", reason=r)
+                  for r in ("queue_full", "queue_time", "deadline", "caller_share"))
+    assert counted == len(refused)
+    method = SCORE_METHOD
+    assert delta("tabserve_server_requests_total", method=method, code="OK") == codes[grpc.StatusCode.OK]
+    assert delta("tabserve_server_requests_total", method=method, code="UNAVAILABLE") == len(refused)
+
+
+def test_a_call_whose_deadline_is_shorter_than_a_call_takes_is_refused_unstarted() -> None:
+    admission = Admission(Limits(4, 8, 1.0), queued=lambda: 0, waited=lambda: 0.0)
+    admission.service_seconds = 0.05
+    refusal = admission.start("", remaining=0.01)
+    assert refusal is not None and refusal.reason == "deadline"
+    assert admission.start("", remaining=0.5) is None
+
+
+@pytest.mark.parametrize(("queued", "waited", "reason"), [
+    (8, 0.0, "queue_full"), (7, 0.0, None), (0, 1.5, "queue_time"), (0, 0.5, None),
+])
+def test_queue_bounds(queued: int, waited: float, reason: str | None) -> None:
+    admission = Admission(Limits(4, 8, 1.0), queued=lambda: queued, waited=lambda: waited)
+    refusal = admission.arrive() or admission.start("", remaining=None)
+    assert (refusal.reason if refusal else None) == reason
+    if refusal:
+        assert "overloaded" in refusal.message and refusal.pushback_ms >= 10
+
+
+def test_no_caller_holds_more_than_its_share_of_the_in_flight_budget() -> None:
+    admission = Admission(Limits(4, 8, 1.0, caller_share=0.5), queued=lambda: 0, waited=lambda: 0.0)
+    assert admission.start("noisy", None) is None and admission.start("noisy", None) is None
+    refusal = admission.start("noisy", None)
+    assert refusal is not None and refusal.reason == "caller_share" and "'noisy'" in refusal.message
+    assert admission.start("quiet", None) is None  # the other caller still gets its share
+    admission.finish("noisy", 0.001)
+    assert admission.start("noisy", None) is None
+
+
+def test_concurrent_callers_are_counted_exactly() -> None:
+    admission = Admission(Limits(64, 8, 1.0, caller_share=1.0), queued=lambda: 0, waited=lambda: 0.0)
+
+    def cycle() -> None:
+        for _ in range(200):
+            assert admission.start("a", None) is None
+            admission.finish("a", 0.001)
+
+    threads = [threading.Thread(target=cycle) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert admission.start("a", None) is None  # nothing leaked
+
+
