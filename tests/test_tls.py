@@ -27,7 +27,8 @@ from tabserve_client.channel import open_channel
 from tabserve_demo.applicants import make_applicants
 from tabserve_server.app import ServingApp
 from tabserve_server.core.dataplane import RequestContext
-from tests.certs import ALLOWED, OUTSIDER, Pki, install, make_pki
+from tabserve_server.transport.tls import CertificateReloader, TlsFiles
+from tests.certs import ALLOWED, OUTSIDER, SERVER_NAMES, Issued, Pki, install, make_pki
 from tests.support import scrape, server_settings, wait_for
 
 ROWS = make_applicants(3, seed=11)[0]
@@ -210,3 +211,22 @@ def test_metrics_are_served_over_https_only(mtls_app: ServingApp, pki: Pki) -> N
     assert scrape(mtls_app.metrics_port, pki.ca.cert_file)["tabserve_server_serving"] == 1
     with pytest.raises(OSError):  # plain HTTP to a TLS endpoint: the connection is dropped
         scrape(mtls_app.metrics_port)
+
+
+def test_rotation_ignores_files_that_do_not_load_and_keeps_the_last_good_ones(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fetcher alone (no server): a key that does not match its certificate is not taken, nor retried
+    until the files change again; the next good pair is."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    install(pki.server, cert, key)
+    reloader = CertificateReloader(TlsFiles(str(cert), str(key)))
+    assert reloader() is None  # unchanged files: nothing to do
+    mismatched = Issued(pki.ca.issue("next", SERVER_NAMES, server=True).cert_file, pki.outsider.key_file)
+    install(mismatched, cert, key)
+    assert reloader() is None and reloader() is None
+    assert sum("do not load" in r.message for r in caplog.records) == 1  # logged once per set of files
+    install(pki.ca.issue("good", SERVER_NAMES, server=True), cert, key)
+    assert reloader() is not None and reloader.reloads == 1
+    cert.unlink()  # mid-replacement: keep what is in use
+    assert reloader() is None
