@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tabserve_server.core.model import LightGBMPredictor, Predictor, PyfuncPredictor
+from tabserve_server.core.reasons import REASON_TABLE_FILE, ReasonTable, parse_reason_table
 from tabserve_server.core.schema import Feature, FeatureSchema
 from tabserve_server.errors import ModelLoadError
 
@@ -50,11 +51,12 @@ class ArtifactFiles:
 
 @dataclass(frozen=True)
 class Artifact:
-    """What a model directory holds once read: its flavor, a predictor and the feature schema."""
+    """What a model directory holds once read: its flavor, a predictor, the feature schema and the reason table."""
 
     flavor: str
     predictor: Predictor
     schema: FeatureSchema
+    reasons: ReasonTable | None = None
 
 
 def read_files(directory: Path, label: str, max_model_bytes: int) -> ArtifactFiles:
@@ -77,6 +79,8 @@ def read_files(directory: Path, label: str, max_model_bytes: int) -> ArtifactFil
     lightgbm_file = data if data.endswith(".lgb") else ""
     if lightgbm_file:
         contents[lightgbm_file] = _read(directory, lightgbm_file, label, max_model_bytes)
+    if (directory / REASON_TABLE_FILE).is_file():  # read and digested with the model: the same bytes are checked
+        contents[REASON_TABLE_FILE] = _read(directory, REASON_TABLE_FILE, label, max_model_bytes)
     return ArtifactFiles(directory, label, mlmodel, contents, lightgbm_file)
 
 
@@ -94,7 +98,17 @@ def _read(directory: Path, name: str, label: str, max_model_bytes: int) -> bytes
 
 
 def read_artifact(files: ArtifactFiles, *, allow_pyfunc: bool, predict_threads: int) -> Artifact:
-    """Parse the model held in `files` (LightGBM: from the bytes in memory, never from the file again)."""
+    """Parse the model held in `files` (LightGBM: from the bytes in memory, never from the file again),
+    and its reason table when it has one (checked against the model's features)."""
+    artifact = _read_model(files, allow_pyfunc=allow_pyfunc, predict_threads=predict_threads)
+    raw_table = files.contents.get(REASON_TABLE_FILE)
+    if raw_table is None:
+        return artifact
+    table = parse_reason_table(raw_table, artifact.schema.names, files.label)
+    return Artifact(artifact.flavor, artifact.predictor, artifact.schema, table)
+
+
+def _read_model(files: ArtifactFiles, *, allow_pyfunc: bool, predict_threads: int) -> Artifact:
     label = files.label
     flavors: Mapping[str, Any] = files.mlmodel["flavors"]
     signature_schema = _signature_schema(files.mlmodel, label)

@@ -1,7 +1,12 @@
-"""The data plane shared by every protocol front: capture the live version, validate, predict, decide.
+"""The data plane shared by every protocol front: capture the live version, validate, predict, decide, explain.
 
 A transport decodes its request into a `RowBatch` and calls `score()`; everything after that (schema
-validation, limits, prediction, threshold) happens here, on the one model version captured at the start.
+validation, limits, prediction, threshold, reasons for the explained rows) happens here, on the one model
+version captured at the start.
+
+Limits: a request weighs its rows plus EXPLAIN_ROW_COST per explained row against max_rows (exact TreeSHAP
+costs about 70 predictions a row). Explaining every row is weighed before predicting; explaining adverse rows
+only, once the decisions say how many there are.
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from tabserve_server.core.manager import ModelManager
-from tabserve_server.core.model import LoadedModel
+from tabserve_server.core.model import Explainer, LoadedModel
+from tabserve_server.core.reasons import ExplainOptions, RowExplanation, explain_rows, request_cost, rows_to_explain
 from tabserve_server.core.schema import FloatMatrix
-from tabserve_server.errors import ModelNotFound, ModelUnavailable, RequestTooLarge
+from tabserve_server.errors import InvalidInput, ModelNotFound, ModelUnavailable, RequestTooLarge
+
+# What one explained row weighs against max_rows, in rows (see the module docstring).
+EXPLAIN_ROW_COST = 70
 
 
 @dataclass(frozen=True)
@@ -67,10 +76,19 @@ UNKNOWN_CALLER = RequestContext()
 
 
 @dataclass(frozen=True)
+class Explanations:
+    """Reasons for the explained rows, and the model's expected value (margin space) they start from."""
+
+    expected_value: float
+    rows: Sequence[RowExplanation]
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     model: LoadedModel
     scores: np.ndarray  # float64 per row
     decisions: np.ndarray  # bool per row
+    explanations: Explanations | None = None
 
     @property
     def threshold(self) -> float:
@@ -81,10 +99,14 @@ ScoreObserver = Callable[[np.ndarray], None]
 
 
 class DataPlane:
-    def __init__(self, manager: ModelManager, max_rows: int, observe_scores: ScoreObserver | None = None) -> None:
+    def __init__(
+        self, manager: ModelManager, max_rows: int, observe_scores: ScoreObserver | None = None,
+        explain_row_cost: int = EXPLAIN_ROW_COST,
+    ) -> None:
         self._manager = manager
         self._max_rows = max_rows
         self._observe = observe_scores
+        self._explain_row_cost = explain_row_cost
 
     def model(self, name: str = "", version: str = "") -> LoadedModel:
         """The live model, checked against the name/version a caller asked for (empty: any)."""
@@ -98,15 +120,48 @@ class DataPlane:
         return model
 
     def score(
-        self, batch: RowBatch, name: str = "", version: str = "", request: RequestContext = UNKNOWN_CALLER
+        self, batch: RowBatch, name: str = "", version: str = "", request: RequestContext = UNKNOWN_CALLER,
+        explain: ExplainOptions | None = None,
     ) -> ScoreResult:
-        """Score `batch` on the live version (checked against `name`/`version`) for the caller in `request`."""
+        """Score `batch` on the live version (checked against `name`/`version`) for the caller in `request`;
+        with `explain`, give the reasons of the rows it asks for."""
         model = self.model(name, version)
         rows = batch.row_count()
-        if rows > self._max_rows:
-            raise RequestTooLarge(f"{rows} rows in one request, the limit is {self._max_rows}")
+        if explain is not None:
+            explain = explain.checked()
+        self._check_cost(rows, rows if explain is not None and explain.all_rows else 0)
         matrix = batch.to_matrix(model)
-        return self.predict(model, matrix)
+        result = self.predict(model, matrix)
+        if explain is None:
+            return result
+        return ScoreResult(model, result.scores, result.decisions, self.explain(model, matrix, result, explain))
+
+    def explain(self, model: LoadedModel, matrix: FloatMatrix, result: ScoreResult, options: ExplainOptions
+                ) -> Explanations:
+        """Exact TreeSHAP reasons for the rows `options` asks for (core/reasons.py says which and in what order)."""
+        predictor = model.predictor
+        if not hasattr(predictor, "contributions"):
+            raise InvalidInput(f"explanations need a LightGBM model; {model.name} version {model.version} "
+                               f"is served through {model.flavor}")
+        chosen = rows_to_explain(result.decisions, model.adverse_positive, options.all_rows)
+        self._check_cost(len(result.scores), len(chosen))
+        explainer: Explainer = predictor  # type: ignore[assignment]
+        # Rows not explained still give the expected value, from the one row computed for it.
+        contributions = explainer.contributions(matrix[chosen] if chosen else matrix[:1])
+        explained = explain_rows(
+            chosen, matrix, contributions[:, :-1], names=model.schema.names, table=model.reasons,
+            adverse_positive=model.adverse_positive, top_k=options.top_k,
+        ) if chosen else []
+        return Explanations(float(contributions[0, -1]), explained)
+
+    def _check_cost(self, rows: int, explained: int) -> None:
+        cost = request_cost(rows, explained, self._explain_row_cost)
+        if cost <= self._max_rows:
+            return
+        if not explained:
+            raise RequestTooLarge(f"{rows} rows in one request, the limit is {self._max_rows}")
+        raise RequestTooLarge(f"{rows} rows and {explained} explained rows (each weighs {self._explain_row_cost} "
+                              f"rows) in one request weigh {cost} rows, the limit is {self._max_rows}")
 
     def predict(self, model: LoadedModel, matrix: FloatMatrix) -> ScoreResult:
         scores = model.predict(matrix)

@@ -24,6 +24,7 @@ from typing import Any
 from tabserve_server.core.artifact import read_artifact, read_files
 from tabserve_server.core.cache import ModelCache
 from tabserve_server.core.model import AspiredVersion, DecisionLabels, LoadedFrom, LoadedModel
+from tabserve_server.core.reasons import adverse_is_positive
 from tabserve_server.core.verify import VerifyLimits, verify
 from tabserve_server.errors import ModelLoadError, RegistryUnavailable
 
@@ -35,6 +36,8 @@ THRESHOLD_PARAMS = ("optimal_threshold", "decision_threshold")
 POSITIVE_LABEL_TAG = "tabserve.decision.positive"
 NEGATIVE_LABEL_TAG = "tabserve.decision.negative"
 LABEL_TAGS = (POSITIVE_LABEL_TAG, NEGATIVE_LABEL_TAG)
+# Names which of the two labels is the adverse decision, the one reasons explain (default: the positive one).
+ADVERSE_LABEL_TAG = "tabserve.decision.adverse"
 
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _MODELS_VERSION_OR_STAGE = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)$")
@@ -166,7 +169,10 @@ class ModelLoader:
         resolved = ResolvedVersion(
             name=meta["name"], version=meta["version"], run_id=meta["run_id"],
             download_uri=meta["source_uri"], loaded_from=LoadedFrom.CACHE,
-            version_tags=dict(zip(LABEL_TAGS, meta.get("labels", ()), strict=False)),  # older entries: defaults
+            version_tags={  # older entries: defaults
+                **dict(zip(LABEL_TAGS, meta.get("labels", ()), strict=False)),
+                **({ADVERSE_LABEL_TAG: meta["adverse"]} if "adverse" in meta else {}),
+            },
         )
         threshold = (float(meta["threshold"]), str(meta["threshold_source"]))
         return Candidate(self._build(entry.directory, resolved, meta["requested_uri"], started, threshold=threshold))
@@ -278,12 +284,14 @@ class ModelLoader:
         artifact = read_artifact(files, allow_pyfunc=self.config.allow_pyfunc,
                                  predict_threads=self.config.predict_threads)
         value, source = threshold if threshold is not None else self._threshold(resolved)
+        labels = _decision_labels(resolved.version_tags)
+        adverse = adverse_is_positive(resolved.version_tags.get(ADVERSE_LABEL_TAG), labels.positive, labels.negative)
         return LoadedModel(
             name=resolved.name, version=resolved.version, run_id=resolved.run_id, requested_uri=requested_uri,
             source_uri=resolved.download_uri, loaded_from=resolved.loaded_from, loaded_at=datetime.now(UTC),
             load_duration_seconds=time.monotonic() - started, schema=artifact.schema, threshold=value,
             threshold_source=source, flavor=artifact.flavor, predictor=artifact.predictor,
-            labels=_decision_labels(resolved.version_tags), digest=files.digest,
+            labels=labels, digest=files.digest, reasons=artifact.reasons, adverse_positive=adverse,
         )
 
 
@@ -314,7 +322,7 @@ def _cache_metadata(model: LoadedModel) -> dict[str, Any]:
         "name": model.name, "version": model.version, "run_id": model.run_id,
         "requested_uri": model.requested_uri, "source_uri": model.source_uri, "threshold": model.threshold,
         "threshold_source": model.threshold_source, "flavor": model.flavor,
-        "labels": [model.labels.positive, model.labels.negative],
+        "labels": [model.labels.positive, model.labels.negative], "adverse": model.adverse_label,
         "features": [[f.name, f.type] for f in model.schema.features],
     }
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tabserve_server.core.lgbm_fast import SingleRowFast
+from tabserve_server.core.reasons import ReasonTable
 from tabserve_server.core.schema import FeatureSchema, FloatMatrix
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,13 @@ class Predictor(Protocol):
         ...
 
 
+class Explainer(Protocol):
+    def contributions(self, matrix: FloatMatrix) -> np.ndarray:
+        """Exact per-feature contributions in margin space, [rows, features + 1]: the last column is the
+        expected value, and each row sums to the row's raw margin."""
+        ...
+
+
 class LightGBMPredictor:
     """A LightGBM Booster loaded from LightGBM's own text format (never pickle).
 
@@ -60,6 +68,12 @@ class LightGBMPredictor:
         threads = 1 if matrix.shape[0] == 1 else self._batch_threads
         scores = self.booster.predict(matrix, num_threads=threads)
         return np.asarray(scores, dtype=np.float64).reshape(-1)
+
+    def contributions(self, matrix: FloatMatrix) -> np.ndarray:
+        """LightGBM's exact TreeSHAP (`pred_contrib`), in margin space."""
+        threads = 1 if matrix.shape[0] == 1 else self._batch_threads
+        values = self.booster.predict(matrix, pred_contrib=True, num_threads=threads)
+        return np.asarray(values, dtype=np.float64).reshape(matrix.shape[0], matrix.shape[1] + 1)
 
 
 class PyfuncPredictor:
@@ -106,6 +120,8 @@ class LoadedModel:
     predictor: Predictor
     labels: DecisionLabels = DecisionLabels()
     digest: str = ""  # of the bytes it was parsed from (core/artifact.ArtifactFiles.digest)
+    reasons: ReasonTable | None = None  # the version's reason table (core/reasons.py), if it has one
+    adverse_positive: bool = True  # the adverse decision (what reasons explain) is decision=true
 
     def satisfies(self, aspired: AspiredVersion) -> bool:
         """Whether this model is what `aspired` asks for."""
@@ -118,3 +134,7 @@ class LoadedModel:
 
     def predict(self, matrix: FloatMatrix) -> np.ndarray:
         return self.predictor.predict(matrix)
+
+    @property
+    def adverse_label(self) -> str:
+        return self.labels.positive if self.adverse_positive else self.labels.negative
