@@ -6,12 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from tabserve_client import ScoringClient
 from tabserve_demo.embedded import bootstrap_embedded_registry
 from tabserve_server.app import ServingApp
-from tests.support import MODEL_NAME, server_settings, wait_for
+from tests.support import MODEL_NAME, running_app, server_settings
 
 
 @pytest.fixture(scope="session")
@@ -28,13 +27,8 @@ def tracking_uri(registry_dir: Path) -> str:
 @pytest.fixture
 def app(tracking_uri: str, tmp_path: Path) -> Iterator[ServingApp]:
     """An in-process server on the production alias, started and SERVING."""
-    serving = ServingApp(server_settings(tracking_uri, tmp_path / "cache"), registry=CollectorRegistry())
-    serving.start()
-    try:
-        wait_for(lambda: serving.manager.current() is not None and serving.accepting(), what="first model load")
+    with running_app(server_settings(tracking_uri, tmp_path / "cache")) as serving:
         yield serving
-    finally:
-        serving.stop(1.0)
 
 
 @pytest.fixture

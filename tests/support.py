@@ -6,27 +6,42 @@ The child processes themselves (server, monitor, `mlflow server`) are in tabserv
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tabserve.control.v1 import control_pb2
 from tabserve_client import ControlClient, TlsOptions, aspired_version
 from tabserve_demo.processes import ServerProcess
+from tabserve_server.app import ServingApp
 from tabserve_server.settings import ServerSettings
 from tools.debian import ToolUnavailable, ensure_command
 
 MODEL_NAME = "credit-default"
 SCORE_METHOD = "tabserve.scoring.v1.Scoring/Score"
+
+
+@contextlib.contextmanager
+def running_app(settings: ServerSettings) -> Iterator[ServingApp]:
+    """An in-process server with `settings`, started and SERVING; stopped on exit."""
+    serving = ServingApp(settings, registry=CollectorRegistry())
+    serving.start()
+    try:
+        wait_for(lambda: serving.manager.current() is not None and serving.accepting(), what="first model load")
+        yield serving
+    finally:
+        serving.stop(1.0)
 
 
 def wait_for(

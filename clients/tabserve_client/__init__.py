@@ -1,7 +1,7 @@
 """Python clients of tabserve: scoring (public port) and control (the monitor's API); grpcio, protobuf, numpy only."""
 
 from tabserve_client.channel import Keepalive, TlsOptions
-from tabserve_client.client import Feature, ModelInfo, ScoreBatch, ScoringClient, ScoringError
+from tabserve_client.client import Feature, ModelInfo, Reason, ScoreBatch, ScoringClient, ScoringError
 from tabserve_client.control import ControlClient, ControlError, aspired_version
 
 __all__ = [
@@ -10,6 +10,8 @@ __all__ = [
     "Feature",
     "Keepalive",
     "ModelInfo",
+    "Reason",
+    "Reason",
     "ScoreBatch",
     "ScoringClient",
     "ScoringError",

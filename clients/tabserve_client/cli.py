@@ -19,7 +19,8 @@ from typing import IO, Any, Final
 import grpc
 
 from tabserve_client.cli_connection import add_connection_arguments, connection_arguments
-from tabserve_client.client import ModelInfo, ScoreBatch, ScoringClient, ScoringError
+from tabserve_client.client import ModelInfo, Reason, ScoreBatch, ScoringClient, ScoringError
+from tabserve_client.explain_output import DEFAULT_TOP_K, Explain, reason_cells, reason_columns, reason_record
 from tabserve_client.inputs import INPUT_FORMATS, InputError, ParsedInput, error_reason, read_rows
 
 DEFAULT_TARGET: Final = "localhost:50051"
@@ -61,7 +62,7 @@ def _with_offset(details: str, offset: int, lines: Sequence[int]) -> str:
 
 
 def _score_all(
-    client: ScoringClient, parsed: ParsedInput, info: ModelInfo
+    client: ScoringClient, parsed: ParsedInput, info: ModelInfo, explain: Explain | None = None
 ) -> tuple[list[ScoreBatch], dict[tuple[str, str], ModelInfo]]:
     """Score every batch; the matrices are in `info`'s feature order, so a version swap mid-run is checked.
 
@@ -72,7 +73,9 @@ def _score_all(
     known = {(info.name, info.version): info}
     for matrix in parsed.batches:
         try:
-            batch = client.score(matrix)
+            batch = client.score(matrix) if explain is None else client.score(
+                matrix, explain=True, top_k=explain.top_k, explain_all_rows=explain.all_rows
+            )
         except ScoringError as exc:
             raise ScoringError(exc.code, _with_offset(exc.details, offset, parsed.lines)) from None
         if len(batch) != matrix.shape[0]:
@@ -97,13 +100,13 @@ def _score_all(
 
 def _output_rows(
     parsed: ParsedInput, results: Sequence[ScoreBatch], infos: dict[tuple[str, str], ModelInfo]
-) -> Iterator[tuple[Any, float, bool, str, ScoreBatch]]:
+) -> Iterator[tuple[Any, float, bool, str, ScoreBatch, tuple[Reason, ...]]]:
     index = 0
     for batch in results:
         info = infos[(batch.model_name, batch.model_version)]
-        for score, decision in zip(batch.scores.tolist(), batch.decisions.tolist(), strict=True):
+        for i, (score, decision) in enumerate(zip(batch.scores.tolist(), batch.decisions.tolist(), strict=True)):
             row_id = parsed.ids[index] if parsed.has_ids else None
-            yield row_id, float(score), bool(decision), info.label(bool(decision)), batch
+            yield row_id, float(score), bool(decision), info.label(bool(decision)), batch, batch.reasons.get(i, ())
             index += 1
 
 
@@ -115,9 +118,10 @@ def _write_output(
     results: Sequence[ScoreBatch],
     *,
     infos: dict[tuple[str, str], ModelInfo],
+    explain: Explain | None = None,
 ) -> None:
     if fmt == "jsonl":
-        for row_id, score, decision, label, batch in _output_rows(parsed, results, infos):
+        for row_id, score, decision, label, batch, reasons in _output_rows(parsed, results, infos):
             record: dict[str, Any] = {id_column: row_id} if parsed.has_ids else {}
             record.update(
                 score=score,
@@ -127,11 +131,14 @@ def _write_output(
                 model_name=batch.model_name,
                 model_version=batch.model_version,
             )
+            if explain is not None:
+                record.update(reason_record(reasons, batch.expected_value))
             out.write(json.dumps(record) + "\n")
         return
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([id_column, *OUTPUT_FIELDS] if parsed.has_ids else OUTPUT_FIELDS)
-    for row_id, score, decision, label, batch in _output_rows(parsed, results, infos):
+    reason_header = reason_columns(explain.top_k) if explain is not None else []
+    writer.writerow([id_column, *OUTPUT_FIELDS, *reason_header] if parsed.has_ids else [*OUTPUT_FIELDS, *reason_header])
+    for row_id, score, decision, label, batch, reasons in _output_rows(parsed, results, infos):
         cells = [
             repr(score),
             "true" if decision else "false",
@@ -140,6 +147,8 @@ def _write_output(
             batch.model_name,
             batch.model_version,
         ]
+        if explain is not None:
+            cells += reason_cells(reasons, batch.expected_value, explain.top_k)
         if parsed.has_ids:
             cells.insert(0, row_id if isinstance(row_id, str) else json.dumps(row_id))
         writer.writerow(cells)
@@ -161,14 +170,16 @@ def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         fmt=args.input_format,
     )
-    results, infos = _score_all(client, parsed, info)
+    explain = Explain(args.top_k, args.explain_all_rows) if args.explain else None
+    results, infos = _score_all(client, parsed, info, explain)
     if args.output in (None, "-"):
-        _write_output(sys.stdout, args.output_format, args.id_column, parsed, results, infos=infos)
+        _write_output(sys.stdout, args.output_format, args.id_column, parsed, results, infos=infos, explain=explain)
         sys.stdout.flush()
     else:
         try:
             with open(args.output, "w", encoding="utf-8", newline="") as out:
-                _write_output(out, args.output_format, args.id_column, parsed, results, infos=infos)
+                _write_output(out, args.output_format, args.id_column, parsed, results, infos=infos,
+                              explain=explain)
         except OSError as exc:
             raise InputError(f"cannot write {args.output}: {error_reason(exc)}") from None
     versions = sorted({b.model_version for b in results} or {info.version}, key=lambda v: (len(v), v))
@@ -310,6 +321,13 @@ def _add_score_command(
         default=DEFAULT_BATCH_SIZE,
         help=f"rows per request (default: {DEFAULT_BATCH_SIZE})",
     )
+    score.add_argument(
+        "--explain", action="store_true",
+        help="add each adverse row's reasons: expected_value and reason_<i>_{feature,value,contribution,code,text}",
+    )
+    score.add_argument("--top-k", type=_positive_int, default=DEFAULT_TOP_K,
+                       help=f"reasons per explained row, 1..20 (default: {DEFAULT_TOP_K})")
+    score.add_argument("--explain-all-rows", action="store_true", help="explain every row, not only adverse ones")
     score.set_defaults(handler=_cmd_score)
 
 

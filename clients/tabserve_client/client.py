@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +60,17 @@ class ScoringError(Exception):
 
 
 @dataclass(frozen=True)
+class Reason:
+    """One principal reason for a row's adverse decision (see docs/explanations.md)."""
+
+    feature: str
+    value: float  # the row's value (NaN: missing)
+    contribution: float  # exact TreeSHAP, margin (log-odds) space, toward the adverse decision
+    code: str  # from the version's reason table; '' when it has none for the feature
+    text: str
+
+
+@dataclass(frozen=True)
 class ScoreBatch:
     """Scores of one request, in request order, and the model version that produced them."""
 
@@ -68,6 +79,9 @@ class ScoreBatch:
     threshold: float
     scores: np.ndarray  # float64, probability of the positive class
     decisions: np.ndarray  # bool, scores >= threshold: the version's positive label (see ModelInfo.label)
+    # With score(explain=True): row index -> its reasons, strongest first, for every explained row.
+    reasons: Mapping[int, tuple[Reason, ...]] = field(default_factory=dict)
+    expected_value: float | None = None  # margin space; with explain=True only
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -97,6 +111,8 @@ class ModelInfo:
     # decision=true, i.e. score >= threshold, is `positive_label` (e.g. "decline"); false is `negative_label`.
     positive_label: str = "positive"
     negative_label: str = "negative"
+    adverse_label: str = "positive"  # the decision reasons explain (tag tabserve.decision.adverse)
+    has_reason_table: bool = False  # without one, reasons carry feature names without codes
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -165,13 +181,21 @@ class ScoringClient(ChannelClient):
 
     # --- calls ------------------------------------------------------------------------------
 
-    def score(self, rows: Rows, *, model_name: str = "", timeout: float | None = None) -> ScoreBatch:
+    def score(
+        self, rows: Rows, *, model_name: str = "", timeout: float | None = None, explain: bool = False,
+        top_k: int = 0, explain_all_rows: bool = False,
+    ) -> ScoreBatch:
         """Score rows given as one dict, a list of dicts, a 2-D numpy array in the model's feature order
         (a 1-D array is one row), or a pandas DataFrame with the model's feature names as columns.
 
-        NaN means "missing". Raises ScoringError on failure.
+        With `explain`, the batch also carries the reasons (`top_k`, 0: the server's default of 4) of the
+        rows whose decision is adverse, or of every row with `explain_all_rows`. NaN means "missing".
+        Raises ScoringError on failure.
         """
         request = scoring_pb2.ScoreRequest(model_name=model_name)
+        if explain:
+            request.explain.top_k = top_k
+            request.explain.all_rows = explain_all_rows
         try:
             self._fill(request, rows)
         except (TypeError, ValueError) as exc:  # bad input found before sending: same contract as the server
@@ -185,6 +209,11 @@ class ScoringClient(ChannelClient):
             threshold=response.threshold,
             scores=np.asarray(response.scores, dtype=np.float64),
             decisions=np.asarray(response.decisions, dtype=bool),
+            reasons={
+                e.row: tuple(Reason(r.feature, r.value, r.contribution, r.code, r.text) for r in e.reasons)
+                for e in response.explanations
+            },
+            expected_value=response.expected_value if explain else None,
         )
 
     def _fill(self, request: Any, rows: Rows) -> None:
@@ -222,6 +251,8 @@ class ScoringClient(ChannelClient):
             # A server from before the labels existed sends none: the defaults.
             positive_label=m.positive_label or "positive",
             negative_label=m.negative_label or "negative",
+            adverse_label=m.adverse_label or m.positive_label or "positive",
+            has_reason_table=m.has_reason_table,
         )
         self._feature_names, self._feature_version = info.feature_names, info.version
         return info

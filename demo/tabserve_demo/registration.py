@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from tabserve_demo.applicants import FEATURE_NAMES, make_applicants, wrong_feature_names
+from tabserve_demo.reasons import write_reason_table
 from tabserve_demo.training import train_booster
 from tabserve_server.core.loading import NEGATIVE_LABEL_TAG, POSITIVE_LABEL_TAG
 
@@ -142,14 +144,18 @@ def _log_model(
     signature = infer_signature(sample_df, np.asarray(booster.predict(sample), dtype=np.float64))
     with (
         warnings.catch_warnings(),
+        tempfile.TemporaryDirectory() as scratch,
         mlflow.start_run(experiment_id=experiment_id, run_name=f"{model_name}-seed{seed}") as run,
     ):
+        # The reason table names the demo's features: a version trained on other names ships none.
+        extra_files = [str(write_reason_table(Path(scratch)))] if tuple(feature_names) == FEATURE_NAMES else None
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         mlflow.log_params(params)
         mlflow.set_tag("tabserve.demo", "true")
         model_info = mlflow.lightgbm.log_model(
-            booster, name="model", registered_model_name=model_name, signature=signature, input_example=None
+            booster, name="model", registered_model_name=model_name, signature=signature, input_example=None,
+            extra_files=extra_files,
         )
     run_id: str = run.info.run_id
     if model_info.registered_model_version is not None:
@@ -181,7 +187,8 @@ def register_demo_version(
 ) -> str:
     """Train a demo booster and register it as a new version of `model_name`; returns the version.
 
-    The version carries the demo's decision labels (DECISION_TAGS). broken="missing_artifacts" deletes
+    The version carries the demo's decision labels (DECISION_TAGS) and reason table (tabserve_demo.reasons:
+    `age` is never a reason). broken="missing_artifacts" deletes
     model.lgb from the artifact store after registering, and broken="wrong_features" trains on renamed
     features so the schema does not match FEATURE_NAMES.
     """

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tabserve_server.core.model import LightGBMPredictor, Predictor, PyfuncPredictor
-from tabserve_server.core.reasons import REASON_TABLE_FILE, ReasonTable, parse_reason_table
+from tabserve_server.core.reasons import REASON_TABLE_PATH, ReasonTable, parse_reason_table
 from tabserve_server.core.schema import Feature, FeatureSchema
 from tabserve_server.errors import ModelLoadError
 
@@ -79,8 +79,8 @@ def read_files(directory: Path, label: str, max_model_bytes: int) -> ArtifactFil
     lightgbm_file = data if data.endswith(".lgb") else ""
     if lightgbm_file:
         contents[lightgbm_file] = _read(directory, lightgbm_file, label, max_model_bytes)
-    if (directory / REASON_TABLE_FILE).is_file():  # read and digested with the model: the same bytes are checked
-        contents[REASON_TABLE_FILE] = _read(directory, REASON_TABLE_FILE, label, max_model_bytes)
+    if (directory / REASON_TABLE_PATH).is_file():  # read and digested with the model: the same bytes are checked
+        contents[REASON_TABLE_PATH] = _read(directory, REASON_TABLE_PATH, label, max_model_bytes)
     return ArtifactFiles(directory, label, mlmodel, contents, lightgbm_file)
 
 
@@ -101,7 +101,7 @@ def read_artifact(files: ArtifactFiles, *, allow_pyfunc: bool, predict_threads: 
     """Parse the model held in `files` (LightGBM: from the bytes in memory, never from the file again),
     and its reason table when it has one (checked against the model's features)."""
     artifact = _read_model(files, allow_pyfunc=allow_pyfunc, predict_threads=predict_threads)
-    raw_table = files.contents.get(REASON_TABLE_FILE)
+    raw_table = files.contents.get(REASON_TABLE_PATH)
     if raw_table is None:
         return artifact
     table = parse_reason_table(raw_table, artifact.schema.names, files.label)

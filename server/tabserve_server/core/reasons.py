@@ -3,7 +3,8 @@
 Pure functions over numbers; nothing here imports grpc, mlflow or LightGBM. The contributions come from the
 predictor (exact TreeSHAP, margin space); this module only checks the table and picks the reasons.
 
-The reason table is a JSON file `tabserve_reasons.json` beside the model's MLmodel (see docs/explanations.md):
+The reason table is a JSON file `extra_files/tabserve_reasons.json` in the model directory, where
+`log_model(..., extra_files=["tabserve_reasons.json"])` puts it (see docs/explanations.md):
 
     {"format": "tabserve.reasons/v1",
      "reasons": {"<feature>": {"code": "<code>", "text": "<text>"}, ...},
@@ -29,6 +30,8 @@ import numpy as np
 from tabserve_server.errors import InvalidInput, ModelLoadError
 
 REASON_TABLE_FILE = "tabserve_reasons.json"
+# Where MLflow's log_model(extra_files=[...]) puts the file in the model directory.
+REASON_TABLE_PATH = f"extra_files/{REASON_TABLE_FILE}"
 REASON_TABLE_FORMAT = "tabserve.reasons/v1"
 DEFAULT_TOP_K = 4
 MAX_TOP_K = 20
@@ -184,7 +187,20 @@ def request_cost(rows: int, explained_rows: int, explain_row_cost: int) -> int:
 
 
 __all__ = [
-    "DEFAULT_TOP_K", "MAX_TOP_K", "REASON_TABLE_FILE", "REASON_TABLE_FORMAT", "ExplainOptions", "Reason",
-    "ReasonCode", "ReasonTable", "RowExplanation", "adverse_is_positive", "choose_reasons", "explain_rows",
-    "parse_reason_table", "request_cost", "rows_to_explain",
+    "DEFAULT_TOP_K",
+    "MAX_TOP_K",
+    "REASON_TABLE_FILE",
+    "REASON_TABLE_FORMAT",
+    "REASON_TABLE_PATH",
+    "ExplainOptions",
+    "Reason",
+    "ReasonCode",
+    "ReasonTable",
+    "RowExplanation",
+    "adverse_is_positive",
+    "choose_reasons",
+    "explain_rows",
+    "parse_reason_table",
+    "request_cost",
+    "rows_to_explain",
 ]

@@ -8,8 +8,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from tabserve_server.core.dataplane import DataPlane, RowBatch
+from tabserve_server.core.dataplane import DataPlane, Explanations, RowBatch
 from tabserve_server.core.model import LoadedFrom
+from tabserve_server.core.reasons import DEFAULT_TOP_K, ExplainOptions
 from tabserve_server.errors import InvalidInput
 from tabserve_server.transport.edge import check_deadline
 from tabserve_server.transport.identity import request_context
@@ -32,6 +33,27 @@ def decode_rows(request: Any) -> RowBatch:
     raise InvalidInput("empty request: set named, dense or matrix rows")
 
 
+def decode_explain(request: Any) -> ExplainOptions | None:
+    if not request.HasField("explain"):
+        return None
+    return ExplainOptions(top_k=request.explain.top_k or DEFAULT_TOP_K, all_rows=request.explain.all_rows)
+
+
+def encode_explanations(explanations: Explanations | None) -> dict[str, Any]:
+    """The ScoreResponse fields of `explanations` (none when the request asked for none)."""
+    if explanations is None:
+        return {}
+    rows = [
+        scoring_pb2.RowExplanation(row=row.row, reasons=[
+            scoring_pb2.Reason(feature=r.feature, value=r.value, contribution=r.contribution, code=r.code,
+                               text=r.text)
+            for r in row.reasons
+        ])
+        for row in explanations.rows
+    ]
+    return {"explanations": rows, "expected_value": explanations.expected_value}
+
+
 class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
@@ -39,13 +61,16 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     def Score(self, request: Any, context: grpc.ServicerContext) -> Any:
         batch = decode_rows(request)
         check_deadline(context)
-        result = self._dataplane.score(batch, request.model_name, request.model_version, request_context(context))
+        result = self._dataplane.score(
+            batch, request.model_name, request.model_version, request_context(context), decode_explain(request)
+        )
         return scoring_pb2.ScoreResponse(
             model_name=result.model.name,
             model_version=result.model.version,
             threshold=result.threshold,
             scores=result.scores.tolist(),
             decisions=result.decisions.tolist(),
+            **encode_explanations(result.explanations),
         )
 
     def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -67,4 +92,6 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             flavor=model.flavor,
             positive_label=model.labels.positive,
             negative_label=model.labels.negative,
+            adverse_label=model.adverse_label,
+            has_reason_table=model.reasons is not None,
         )

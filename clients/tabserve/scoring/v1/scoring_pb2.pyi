@@ -61,32 +61,68 @@ class MatrixRows(_message.Message):
     def __init__(self, float64_le: _Optional[bytes] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "named", "dense", "matrix")
+    __slots__ = ("model_name", "model_version", "named", "dense", "matrix", "explain")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAMED_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     MATRIX_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     named: NamedRows
     dense: DenseRows
     matrix: MatrixRows
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., named: _Optional[_Union[NamedRows, _Mapping]] = ..., dense: _Optional[_Union[DenseRows, _Mapping]] = ..., matrix: _Optional[_Union[MatrixRows, _Mapping]] = ...) -> None: ...
+    explain: ExplainOptions
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., named: _Optional[_Union[NamedRows, _Mapping]] = ..., dense: _Optional[_Union[DenseRows, _Mapping]] = ..., matrix: _Optional[_Union[MatrixRows, _Mapping]] = ..., explain: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
+
+class ExplainOptions(_message.Message):
+    __slots__ = ("top_k", "all_rows")
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ALL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    top_k: int
+    all_rows: bool
+    def __init__(self, top_k: _Optional[int] = ..., all_rows: _Optional[bool] = ...) -> None: ...
+
+class Reason(_message.Message):
+    __slots__ = ("feature", "value", "contribution", "code", "text")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    value: float
+    contribution: float
+    code: str
+    text: str
+    def __init__(self, feature: _Optional[str] = ..., value: _Optional[float] = ..., contribution: _Optional[float] = ..., code: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class RowExplanation(_message.Message):
+    __slots__ = ("row", "reasons")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    row: int
+    reasons: _containers.RepeatedCompositeFieldContainer[Reason]
+    def __init__(self, row: _Optional[int] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "threshold", "scores", "decisions")
+    __slots__ = ("model_name", "model_version", "threshold", "scores", "decisions", "explanations", "expected_value")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VALUE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     threshold: float
     scores: _containers.RepeatedScalarFieldContainer[float]
     decisions: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., threshold: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., decisions: _Optional[_Iterable[bool]] = ...) -> None: ...
+    explanations: _containers.RepeatedCompositeFieldContainer[RowExplanation]
+    expected_value: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., threshold: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., decisions: _Optional[_Iterable[bool]] = ..., explanations: _Optional[_Iterable[_Union[RowExplanation, _Mapping]]] = ..., expected_value: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -101,7 +137,7 @@ class Feature(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "run_id", "requested_uri", "source_uri", "loaded_from", "loaded_at", "load_duration_seconds", "features", "threshold", "threshold_source", "flavor", "positive_label", "negative_label")
+    __slots__ = ("name", "version", "run_id", "requested_uri", "source_uri", "loaded_from", "loaded_at", "load_duration_seconds", "features", "threshold", "threshold_source", "flavor", "positive_label", "negative_label", "adverse_label", "has_reason_table")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +152,8 @@ class ModelInfo(_message.Message):
     FLAVOR_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_LABEL_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_LABEL_FIELD_NUMBER: _ClassVar[int]
+    ADVERSE_LABEL_FIELD_NUMBER: _ClassVar[int]
+    HAS_REASON_TABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     run_id: str
@@ -130,4 +168,6 @@ class ModelInfo(_message.Message):
     flavor: str
     positive_label: str
     negative_label: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., requested_uri: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[_Union[LoadedFrom, str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_duration_seconds: _Optional[float] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., flavor: _Optional[str] = ..., positive_label: _Optional[str] = ..., negative_label: _Optional[str] = ...) -> None: ...
+    adverse_label: str
+    has_reason_table: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., requested_uri: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[_Union[LoadedFrom, str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_duration_seconds: _Optional[float] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., flavor: _Optional[str] = ..., positive_label: _Optional[str] = ..., negative_label: _Optional[str] = ..., adverse_label: _Optional[str] = ..., has_reason_table: _Optional[bool] = ...) -> None: ...
