@@ -11,7 +11,6 @@ __all__ = [
     "Keepalive",
     "ModelInfo",
     "Reason",
-    "Reason",
     "ScoreBatch",
     "ScoringClient",
     "ScoringError",

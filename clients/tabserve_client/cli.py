@@ -18,9 +18,10 @@ from typing import IO, Any, Final
 
 import grpc
 
+from tabserve_client import explain_output
 from tabserve_client.cli_connection import add_connection_arguments, connection_arguments
 from tabserve_client.client import ModelInfo, Reason, ScoreBatch, ScoringClient, ScoringError
-from tabserve_client.explain_output import DEFAULT_TOP_K, Explain, reason_cells, reason_columns, reason_record
+from tabserve_client.explain_output import Explain
 from tabserve_client.inputs import INPUT_FORMATS, InputError, ParsedInput, error_reason, read_rows
 
 DEFAULT_TARGET: Final = "localhost:50051"
@@ -132,12 +133,12 @@ def _write_output(
                 model_version=batch.model_version,
             )
             if explain is not None:
-                record.update(reason_record(reasons, batch.expected_value))
+                record.update(explain_output.reason_record(reasons, batch.expected_value))
             out.write(json.dumps(record) + "\n")
         return
     writer = csv.writer(out, lineterminator="\n")
-    reason_header = reason_columns(explain.top_k) if explain is not None else []
-    writer.writerow([id_column, *OUTPUT_FIELDS, *reason_header] if parsed.has_ids else [*OUTPUT_FIELDS, *reason_header])
+    reason_header = explain_output.reason_columns(explain.top_k) if explain is not None else []
+    writer.writerow([*([id_column] if parsed.has_ids else []), *OUTPUT_FIELDS, *reason_header])
     for row_id, score, decision, label, batch, reasons in _output_rows(parsed, results, infos):
         cells = [
             repr(score),
@@ -148,7 +149,7 @@ def _write_output(
             batch.model_version,
         ]
         if explain is not None:
-            cells += reason_cells(reasons, batch.expected_value, explain.top_k)
+            cells += explain_output.reason_cells(reasons, batch.expected_value, explain.top_k)
         if parsed.has_ids:
             cells.insert(0, row_id if isinstance(row_id, str) else json.dumps(row_id))
         writer.writerow(cells)
@@ -170,7 +171,7 @@ def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         fmt=args.input_format,
     )
-    explain = Explain(args.top_k, args.explain_all_rows) if args.explain else None
+    explain = explain_output.explain_from_arguments(args)
     results, infos = _score_all(client, parsed, info, explain)
     if args.output in (None, "-"):
         _write_output(sys.stdout, args.output_format, args.id_column, parsed, results, infos=infos, explain=explain)
@@ -321,13 +322,7 @@ def _add_score_command(
         default=DEFAULT_BATCH_SIZE,
         help=f"rows per request (default: {DEFAULT_BATCH_SIZE})",
     )
-    score.add_argument(
-        "--explain", action="store_true",
-        help="add each adverse row's reasons: expected_value and reason_<i>_{feature,value,contribution,code,text}",
-    )
-    score.add_argument("--top-k", type=_positive_int, default=DEFAULT_TOP_K,
-                       help=f"reasons per explained row, 1..20 (default: {DEFAULT_TOP_K})")
-    score.add_argument("--explain-all-rows", action="store_true", help="explain every row, not only adverse ones")
+    explain_output.add_explain_arguments(score, _positive_int)
     score.set_defaults(handler=_cmd_score)
 
 

@@ -1,9 +1,10 @@
-"""The reason columns of `tabserve-client score --explain`: CSV cells and JSON-lines records of a row's reasons."""
+"""`tabserve-client score --explain`: its arguments, and the reason columns (CSV cells, JSON-lines records)."""
 
 from __future__ import annotations
 
+import argparse
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,6 +20,20 @@ class Explain:
 
     top_k: int = DEFAULT_TOP_K
     all_rows: bool = False
+
+
+def add_explain_arguments(score: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
+    score.add_argument(
+        "--explain", action="store_true",
+        help="add each adverse row's reasons: expected_value and reason_<i>_{feature,value,contribution,code,text}",
+    )
+    score.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K,
+                       help=f"reasons per explained row, 1..20 (default: {DEFAULT_TOP_K})")
+    score.add_argument("--explain-all-rows", action="store_true", help="explain every row, not only adverse ones")
+
+
+def explain_from_arguments(args: argparse.Namespace) -> Explain | None:
+    return Explain(args.top_k, args.explain_all_rows) if args.explain else None
 
 
 def reason_columns(top_k: int) -> list[str]:
@@ -51,4 +66,7 @@ def reason_record(reasons: Sequence[Reason], expected_value: float | None) -> di
     }
 
 
-__all__ = ["DEFAULT_TOP_K", "REASON_FIELDS", "Explain", "reason_cells", "reason_columns", "reason_record"]
+__all__ = [
+    "DEFAULT_TOP_K", "REASON_FIELDS", "Explain", "add_explain_arguments", "explain_from_arguments", "reason_cells",
+    "reason_columns", "reason_record",
+]
