@@ -16,15 +16,19 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tabserve_client import ScoringClient, aspired_version
 from tabserve_demo.applicants import FEATURE_NAMES
 from tabserve_demo.processes import ServerProcess
 from tabserve_server.core.artifact import read_files
+from tabserve_server.core.loading import DIGEST_TAG
 from tabserve_server.core.verify import VerifyLimits, verify
 from tabserve_server.errors import ModelLoadError, VerifierFailed
 from tests.corrupt import FAULTS, corrupted_copy
 from tests.support import MODEL_NAME, Server, server_settings, wait_for
+
+DIGEST_CHECK = "digest-check"
 
 # What the status says for each fault: a crash of the parser in words, or the parser's own refusal.
 EXPECTED = {
@@ -103,6 +107,38 @@ def test_a_bad_version_is_refused_on_reload_and_the_old_one_keeps_serving(
     assert EXPECTED[fault] in server.process.stderr()
     wait_for(lambda: (server.metric("tabserve_server_model_load_failures_total", reason=reason) or 0.0) > failures,
              timeout=10, what=f"a load failure counted as {reason}")
+    server.settle_on("1")
+
+
+@pytest.fixture(scope="module")
+def mismatched_version(tracking_uri: str, faults: dict[str, Path]) -> str:
+    """A registry version of the good model files whose digest tag names other bytes."""
+    client = MlflowClient(tracking_uri, tracking_uri)
+    if not client.search_registered_models(filter_string=f"name = '{DIGEST_CHECK}'"):
+        client.create_registered_model(DIGEST_CHECK)
+    version = client.create_model_version(DIGEST_CHECK, source=str(faults["good"])).version
+    client.set_model_version_tag(DIGEST_CHECK, version, DIGEST_TAG, "0" * 64)
+    return f"models:/{DIGEST_CHECK}/{version}"
+
+
+def test_the_served_version_reports_the_digest_of_the_bytes_it_was_verified_with(
+    server: Server, faults: dict[str, Path]
+) -> None:
+    digest = read_files(faults["good"], "good", 2**30).digest
+    with ScoringClient(server.target) as client:
+        assert client.model_info().digest == digest
+    if server.settings.workers == 1:  # the supervisor's own status does not carry it yet
+        assert server.status().serving.digest == digest
+
+
+def test_a_version_whose_model_file_does_not_match_its_digest_tag_is_refused(
+    server: Server, mismatched_version: str
+) -> None:
+    server.control.set_aspired(aspired_version(mismatched_version))
+    status = wait_for(lambda: (s := server.status()).last_error and s, timeout=60, interval=0.1,
+                      what="the mismatched version refused")
+    assert f"but the version's tag {DIGEST_TAG} says {'0' * 64}: refused" in status.last_error
+    assert status.serving.version == "1"
     server.settle_on("1")
 
 

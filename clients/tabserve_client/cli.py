@@ -213,6 +213,7 @@ def _info_dict(info: ModelInfo) -> dict[str, Any]:
         "threshold_source": info.threshold_source,
         "positive_label": info.positive_label,
         "negative_label": info.negative_label,
+        "digest": info.digest,
         "features": [{"name": f.name, "type": f.type} for f in info.features],
     }
 

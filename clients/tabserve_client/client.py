@@ -113,6 +113,8 @@ class ModelInfo:
     negative_label: str = "negative"
     adverse_label: str = "positive"  # the decision reasons explain (tag tabserve.decision.adverse)
     has_reason_table: bool = False  # without one, reasons carry feature names without codes
+    # "sha256:<hex>" of the bytes the version was parsed from ('' from a server that does not report it).
+    digest: str = ""
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -253,6 +255,7 @@ class ScoringClient(ChannelClient):
             negative_label=m.negative_label or "negative",
             adverse_label=m.adverse_label or m.positive_label or "positive",
             has_reason_table=m.has_reason_table,
+            digest=m.digest,
         )
         self._feature_names, self._feature_version = info.feature_names, info.version
         return info

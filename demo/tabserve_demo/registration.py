@@ -22,7 +22,7 @@ import numpy as np
 from tabserve_demo.applicants import FEATURE_NAMES, make_applicants, wrong_feature_names
 from tabserve_demo.reasons import write_reason_table
 from tabserve_demo.training import train_booster
-from tabserve_server.core.loading import NEGATIVE_LABEL_TAG, POSITIVE_LABEL_TAG
+from tabserve_server.core.loading import DIGEST_TAG, NEGATIVE_LABEL_TAG, POSITIVE_LABEL_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -97,6 +97,18 @@ def _local_path(uri: str) -> Path | None:
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
         return Path(uri)
     return None
+
+
+def _model_file_sha256(model_name: str, version: str) -> str:
+    """sha256 (hex) of the registered version's model file, as the server checks it (DIGEST_TAG)."""
+    import hashlib
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=tmp))
+        return hashlib.sha256((local / MODEL_ARTIFACT_FILE).read_bytes()).hexdigest()
 
 
 def _delete_model_file(client: MlflowClient, model_name: str, version: str) -> list[str]:
@@ -188,7 +200,7 @@ def register_demo_version(
     """Train a demo booster and register it as a new version of `model_name`; returns the version.
 
     The version carries the demo's decision labels (DECISION_TAGS) and reason table (tabserve_demo.reasons:
-    `age` is never a reason). broken="missing_artifacts" deletes
+    `age` is never a reason) and its model file's sha256 (DIGEST_TAG). broken="missing_artifacts" deletes
     model.lgb from the artifact store after registering, and broken="wrong_features" trains on renamed
     features so the schema does not match FEATURE_NAMES.
     """
@@ -207,7 +219,7 @@ def register_demo_version(
     params = {THRESHOLD_PARAM: threshold, "seed": seed, "broken": broken or "no"}
     version, run_id = _log_model(client, experiment_id, model_name, booster, feature_names=feature_names, params=params)
     _wait_until_ready(client, model_name, version)
-    for key, value in DECISION_TAGS.items():
+    for key, value in {**DECISION_TAGS, DIGEST_TAG: _model_file_sha256(model_name, version)}.items():
         client.set_model_version_tag(model_name, version, key, value)
     logger.info("registered %s version %s (run %s) in %.1f s", model_name, version, run_id,
                 time.monotonic() - started)

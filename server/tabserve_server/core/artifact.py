@@ -48,6 +48,11 @@ class ArtifactFiles:
             outer.update(f"{name}\0{hashlib.sha256(self.contents[name]).hexdigest()}\n".encode())
         return f"sha256:{outer.hexdigest()}"
 
+    @property
+    def model_file_sha256(self) -> str:
+        """sha256 (hex) of the LightGBM model file, as the `tabserve.sha256` version tag states it; '' if none."""
+        return hashlib.sha256(self.contents[self.lightgbm_file]).hexdigest() if self.lightgbm_file else ""
+
 
 @dataclass(frozen=True)
 class Artifact:

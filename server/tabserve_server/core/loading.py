@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tabserve_server.core.artifact import read_artifact, read_files
+from tabserve_server.core.artifact import ArtifactFiles, read_artifact, read_files
 from tabserve_server.core.cache import ModelCache
 from tabserve_server.core.model import AspiredVersion, DecisionLabels, LoadedFrom, LoadedModel
 from tabserve_server.core.reasons import adverse_is_positive
@@ -38,6 +38,8 @@ NEGATIVE_LABEL_TAG = "tabserve.decision.negative"
 LABEL_TAGS = (POSITIVE_LABEL_TAG, NEGATIVE_LABEL_TAG)
 # Names which of the two labels is the adverse decision, the one reasons explain (default: the positive one).
 ADVERSE_LABEL_TAG = "tabserve.decision.adverse"
+# Model version tag with the sha256 (hex) of the model file: when present, the downloaded file must match it.
+DIGEST_TAG = "tabserve.sha256"
 
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _MODELS_VERSION_OR_STAGE = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)$")
@@ -175,7 +177,9 @@ class ModelLoader:
             },
         )
         threshold = (float(meta["threshold"]), str(meta["threshold_source"]))
-        return Candidate(self._build(entry.directory, resolved, meta["requested_uri"], started, threshold=threshold))
+        model = self._build(entry.directory, resolved, meta["requested_uri"], started, threshold=threshold,
+                            cached_digest=str(meta.get("digest", "")))
+        return Candidate(model)
 
     def resolve(self, aspired: AspiredVersion) -> ResolvedVersion:
         uri = aspired.model_uri
@@ -273,7 +277,9 @@ class ModelLoader:
         resolved: ResolvedVersion,
         requested_uri: str,
         started: float,
+        *,
         threshold: tuple[float, str] | None = None,
+        cached_digest: str = "",
     ) -> LoadedModel:
         label = resolved.download_uri
         verdict = verify(directory, label, self.limits)
@@ -281,6 +287,7 @@ class ModelLoader:
         if files.digest != verdict.digest:
             raise ModelLoadError(f"{label}: the files changed after they were verified ({files.digest}, verified "
                                  f"{verdict.digest}): refused")
+        _check_integrity(files, resolved.version_tags, cached_digest)
         artifact = read_artifact(files, allow_pyfunc=self.config.allow_pyfunc,
                                  predict_threads=self.config.predict_threads)
         value, source = threshold if threshold is not None else self._threshold(resolved)
@@ -293,6 +300,19 @@ class ModelLoader:
             threshold_source=source, flavor=artifact.flavor, predictor=artifact.predictor,
             labels=labels, digest=files.digest, reasons=artifact.reasons, adverse_positive=adverse,
         )
+
+
+def _check_integrity(files: ArtifactFiles, tags: Mapping[str, str], cached_digest: str) -> None:
+    """The bytes must match the version's `tabserve.sha256` tag, and a cache entry the digest it was cached with."""
+    stated = tags.get(DIGEST_TAG, "").strip().lower().removeprefix("sha256:")
+    if stated and files.lightgbm_file and files.model_file_sha256 != stated:
+        raise ModelLoadError(
+            f"{files.label}: {files.lightgbm_file} has sha256 {files.model_file_sha256}, but the version's tag "
+            f"{DIGEST_TAG} says {stated}: refused"
+        )
+    if cached_digest and cached_digest != files.digest:
+        raise ModelLoadError(f"{files.label}: the cached files changed since they were cached ({files.digest}, "
+                             f"cached as {cached_digest}): refused")
 
 
 def _decision_labels(tags: Mapping[str, str]) -> DecisionLabels:
@@ -323,6 +343,7 @@ def _cache_metadata(model: LoadedModel) -> dict[str, Any]:
         "requested_uri": model.requested_uri, "source_uri": model.source_uri, "threshold": model.threshold,
         "threshold_source": model.threshold_source, "flavor": model.flavor,
         "labels": [model.labels.positive, model.labels.negative], "adverse": model.adverse_label,
+        "digest": model.digest,
         "features": [[f.name, f.type] for f in model.schema.features],
     }
 

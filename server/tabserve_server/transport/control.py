@@ -61,7 +61,7 @@ def aspired_message(aspired: AspiredVersion) -> Any:
 def _served_message(model: LoadedModel) -> Any:
     return control_pb2.ServedVersion(
         model_name=model.name, version=model.version, source_uri=model.source_uri,
-        loaded_from=model.loaded_from.value, loaded_at=timestamp(model.loaded_at),
+        loaded_from=model.loaded_from.value, loaded_at=timestamp(model.loaded_at), digest=model.digest,
     )
 
 

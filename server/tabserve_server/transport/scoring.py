@@ -94,4 +94,5 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             negative_label=model.labels.negative,
             adverse_label=model.adverse_label,
             has_reason_table=model.reasons is not None,
+            digest=model.digest,
         )

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tabserve/control/v1/control.proto\x12\x13tabserve.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x0e\x41spiredVersion\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tmodel_uri\x18\x03 \x01(\t\"d\n\x18SetAspiredVersionRequest\x12\x34\n\x07\x61spired\x18\x01 \x01(\x0b\x32#.tabserve.control.v1.AspiredVersion\x12\x12\n\nstage_only\x18\x02 \x01(\x08\"K\n\x13\x43ommitStagedRequest\x12\x34\n\x07\x61spired\x18\x01 \x01(\x0b\x32#.tabserve.control.v1.AspiredVersion\"_\n\x14\x43ommitStagedResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x36\n\x06status\x18\x02 \x01(\x0b\x32&.tabserve.control.v1.GetStatusResponse\"l\n\x19SetAspiredVersionResponse\x12\x17\n\x0f\x61lready_serving\x18\x01 \x01(\x08\x12\x36\n\x06status\x18\x02 \x01(\x0b\x32&.tabserve.control.v1.GetStatusResponse\"\x12\n\x10GetStatusRequest\"\x8c\x01\n\rServedVersion\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsource_uri\x18\x03 \x01(\t\x12\x13\n\x0bloaded_from\x18\x04 \x01(\t\x12-\n\tloaded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe3\x03\n\x11GetStatusResponse\x12\x33\n\x07serving\x18\x01 \x01(\x0b\x32\".tabserve.control.v1.ServedVersion\x12\x34\n\x07\x61spired\x18\x02 \x01(\x0b\x32#.tabserve.control.v1.AspiredVersion\x12\x32\n\nload_state\x18\x03 \x01(\x0e\x32\x1e.tabserve.control.v1.LoadState\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x31\n\rlast_error_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x66\x61iled_attempts\x18\x07 \x01(\x04\x12\x16\n\x0e\x66\x61iled_version\x18\x08 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pting_requests\x18\t \x01(\x08\x12\x32\n\x06staged\x18\n \x01(\x0b\x32\".tabserve.control.v1.ServedVersion\x12\x32\n\x07workers\x18\x0b \x03(\x0b\x32!.tabserve.control.v1.WorkerStatus\"\x96\x01\n\x0cWorkerStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\n\n\x02up\x18\x03 \x01(\x08\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x05 \x01(\r\x12\x36\n\x06status\x18\x06 \x01(\x0b\x32&.tabserve.control.v1.GetStatusResponse*\x82\x01\n\tLoadState\x12\x1a\n\x16LOAD_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fLOAD_STATE_IDLE\x10\x01\x12\x16\n\x12LOAD_STATE_LOADING\x10\x02\x12\x15\n\x11LOAD_STATE_FAILED\x10\x03\x12\x15\n\x11LOAD_STATE_STAGED\x10\x04\x32\xc3\x02\n\x0cModelControl\x12r\n\x11SetAspiredVersion\x12-.tabserve.control.v1.SetAspiredVersionRequest\x1a..tabserve.control.v1.SetAspiredVersionResponse\x12Z\n\tGetStatus\x12%.tabserve.control.v1.GetStatusRequest\x1a&.tabserve.control.v1.GetStatusResponse\x12\x63\n\x0c\x43ommitStaged\x12(.tabserve.control.v1.CommitStagedRequest\x1a).tabserve.control.v1.CommitStagedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tabserve/control/v1/control.proto\x12\x13tabserve.control.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x0e\x41spiredVersion\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tmodel_uri\x18\x03 \x01(\t\"d\n\x18SetAspiredVersionRequest\x12\x34\n\x07\x61spired\x18\x01 \x01(\x0b\x32#.tabserve.control.v1.AspiredVersion\x12\x12\n\nstage_only\x18\x02 \x01(\x08\"K\n\x13\x43ommitStagedRequest\x12\x34\n\x07\x61spired\x18\x01 \x01(\x0b\x32#.tabserve.control.v1.AspiredVersion\"_\n\x14\x43ommitStagedResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x36\n\x06status\x18\x02 \x01(\x0b\x32&.tabserve.control.v1.GetStatusResponse\"l\n\x19SetAspiredVersionResponse\x12\x17\n\x0f\x61lready_serving\x18\x01 \x01(\x08\x12\x36\n\x06status\x18\x02 \x01(\x0b\x32&.tabserve.control.v1.GetStatusResponse\"\x12\n\x10GetStatusRequest\"\x9c\x01\n\rServedVersion\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsource_uri\x18\x03 \x01(\t\x12\x13\n\x0bloaded_from\x18\x04 \x01(\t\x12-\n\tloaded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\"\xe3\x03\n\x11GetStatusResponse\x12\x33\n\x07serving\x18\x01 \x01(\x0b\x32\".tabserve.control.v1.ServedVersion\x12\x34\n\x07\x61spired\x18\x02 \x01(\x0b\x32#.tabserve.control.v1.AspiredVersion\x12\x32\n\nload_state\x18\x03 \x01(\x0e\x32\x1e.tabserve.control.v1.LoadState\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x31\n\rlast_error_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x66\x61iled_attempts\x18\x07 \x01(\x04\x12\x16\n\x0e\x66\x61iled_version\x18\x08 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pting_requests\x18\t \x01(\x08\x12\x32\n\x06staged\x18\n \x01(\x0b\x32\".tabserve.control.v1.ServedVersion\x12\x32\n\x07workers\x18\x0b \x03(\x0b\x32!.tabserve.control.v1.WorkerStatus\"\x96\x01\n\x0cWorkerStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\n\n\x02up\x18\x03 \x01(\x08\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12\x14\n\x0cmetrics_port\x18\x05 \x01(\r\x12\x36\n\x06status\x18\x06 \x01(\x0b\x32&.tabserve.control.v1.GetStatusResponse*\x82\x01\n\tLoadState\x12\x1a\n\x16LOAD_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fLOAD_STATE_IDLE\x10\x01\x12\x16\n\x12LOAD_STATE_LOADING\x10\x02\x12\x15\n\x11LOAD_STATE_FAILED\x10\x03\x12\x15\n\x11LOAD_STATE_STAGED\x10\x04\x32\xc3\x02\n\x0cModelControl\x12r\n\x11SetAspiredVersion\x12-.tabserve.control.v1.SetAspiredVersionRequest\x1a..tabserve.control.v1.SetAspiredVersionResponse\x12Z\n\tGetStatus\x12%.tabserve.control.v1.GetStatusRequest\x1a&.tabserve.control.v1.GetStatusResponse\x12\x63\n\x0c\x43ommitStaged\x12(.tabserve.control.v1.CommitStagedRequest\x1a).tabserve.control.v1.CommitStagedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tabserve.control.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOADSTATE']._serialized_start=1354
-  _globals['_LOADSTATE']._serialized_end=1484
+  _globals['_LOADSTATE']._serialized_start=1370
+  _globals['_LOADSTATE']._serialized_end=1500
   _globals['_ASPIREDVERSION']._serialized_start=91
   _globals['_ASPIREDVERSION']._serialized_end=163
   _globals['_SETASPIREDVERSIONREQUEST']._serialized_start=165
@@ -47,11 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=551
   _globals['_GETSTATUSREQUEST']._serialized_end=569
   _globals['_SERVEDVERSION']._serialized_start=572
-  _globals['_SERVEDVERSION']._serialized_end=712
-  _globals['_GETSTATUSRESPONSE']._serialized_start=715
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1198
-  _globals['_WORKERSTATUS']._serialized_start=1201
-  _globals['_WORKERSTATUS']._serialized_end=1351
-  _globals['_MODELCONTROL']._serialized_start=1487
-  _globals['_MODELCONTROL']._serialized_end=1810
+  _globals['_SERVEDVERSION']._serialized_end=728
+  _globals['_GETSTATUSRESPONSE']._serialized_start=731
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1214
+  _globals['_WORKERSTATUS']._serialized_start=1217
+  _globals['_WORKERSTATUS']._serialized_end=1367
+  _globals['_MODELCONTROL']._serialized_start=1503
+  _globals['_MODELCONTROL']._serialized_end=1826
 # @@protoc_insertion_point(module_scope)

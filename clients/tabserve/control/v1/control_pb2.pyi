@@ -68,18 +68,20 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServedVersion(_message.Message):
-    __slots__ = ("model_name", "version", "source_uri", "loaded_from", "loaded_at")
+    __slots__ = ("model_name", "version", "source_uri", "loaded_from", "loaded_at", "digest")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
     LOADED_FROM_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: str
     source_uri: str
     loaded_from: str
     loaded_at: _timestamp_pb2.Timestamp
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    digest: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("serving", "aspired", "load_state", "last_error", "last_error_at", "next_attempt_at", "failed_attempts", "failed_version", "accepting_requests", "staged", "workers")
