@@ -3,6 +3,7 @@
 from tabserve_client.channel import Keepalive, TlsOptions
 from tabserve_client.client import Feature, ModelInfo, Reason, ScoreBatch, ScoringClient, ScoringError
 from tabserve_client.control import ControlClient, ControlError, aspired_version
+from tabserve_client.retry import RetryPolicy
 
 __all__ = [
     "ControlClient",
@@ -11,6 +12,7 @@ __all__ = [
     "Keepalive",
     "ModelInfo",
     "Reason",
+    "RetryPolicy",
     "ScoreBatch",
     "ScoringClient",
     "ScoringError",

@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ScoringError as exc:
+        if exc.overloaded:
+            print(f"error: the server is overloaded: it refused the call until the {args.timeout:g} s timeout ran "
+                  "out, retried as it asked; try again later, or with a longer --timeout", file=sys.stderr)
         print(f"error: {exc.code.name}: {exc.details or 'no details'}", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:  # e.g. piped into `head`

@@ -1,4 +1,4 @@
-"""Typed client of tabserve.scoring.v1.Scoring, with health checks and retries of UNAVAILABLE."""
+"""Typed client of tabserve.scoring.v1.Scoring, with health checks and retries of UNAVAILABLE (see retry.py)."""
 
 from __future__ import annotations
 
@@ -14,25 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client.channel import ChannelClient, Keepalive, TlsOptions, open_channel
+from tabserve_client.retry import RetryPolicy, call_with_retries
 
 SCORING_SERVICE = "tabserve.scoring.v1.Scoring"
+OVERLOADED = "server overloaded"  # how the server's refusals for load begin
 
-# UNAVAILABLE means "not loaded yet / shutting down / connection refused": safe to retry, since scoring
-# has no side effects. gRPC applies this policy itself, with jittered exponential back-off.
-_SERVICE_CONFIG = {
-    "methodConfig": [
-        {
-            "name": [{"service": SCORING_SERVICE}],
-            "retryPolicy": {
-                "maxAttempts": 4,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ]
-}
+# Retries are the library's own loop (retry.py): UNAVAILABLE until the call's deadline, with the server's pushback.
+_SERVICE_CONFIG: dict[str, Any] = {}
 # pick_first: one connection to the first address that answers (gRPC's default). round_robin: a connection to
 # every address the target resolves to, calls spread over those that are up: for a `dns:///` target naming
 # a Kubernetes headless Service, whose DNS answer lists every ready pod.
@@ -57,6 +45,11 @@ class ScoringError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+    @property
+    def overloaded(self) -> bool:
+        """The server refused the call for load, and kept refusing it until its deadline."""
+        return self.code == grpc.StatusCode.UNAVAILABLE and self.details.startswith(OVERLOADED)
 
 
 @dataclass(frozen=True)
@@ -155,7 +148,15 @@ class ScoringClient(ChannelClient):
             client resolve again, so new pods are found).
         channel: an existing channel to use instead of creating one (not closed by ``close()``); the connection
             arguments above are then ignored.
+
+    Every call is retried on ``UNAVAILABLE`` (server overloaded, no model loaded yet, shutting down, connection
+    refused) until its own deadline: after the server's pushback when it sent one, else a jittered exponential
+    back-off (``retry``, a `RetryPolicy`), with one ``x-request-id`` on every attempt; when the deadline leaves no
+    room for another attempt, the last error is raised. Safe because scoring is idempotent (a call changes
+    nothing on the server).
     """
+
+    retry: RetryPolicy = RetryPolicy()
 
     def __init__(
         self,
@@ -315,6 +316,6 @@ class ScoringClient(ChannelClient):
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return call_with_retries(method, request, self.timeout if timeout is None else timeout, self.retry)
         except grpc.RpcError as exc:
             raise ScoringError(exc.code(), exc.details() or "") from None
