@@ -76,13 +76,17 @@ def run(op):
     if kind == "infer":
         outputs = [tc.InferRequestedOutput(n) for n in op["outputs"]] if op.get("outputs") else None
         result = client.infer(op["model"], [make_input(d) for d in op["inputs"]],
-                              model_version=op.get("version", ""), outputs=outputs, request_id=op.get("id", ""))
+                              model_version=op.get("version", ""), outputs=outputs, request_id=op.get("id", ""),
+                              parameters=op.get("parameters"))
         response = result.get_response()
         out = {}
         for tensor in response.outputs:
             value = result.as_numpy(tensor.name)
-            out[tensor.name] = {"datatype": tensor.datatype, "shape": list(tensor.shape), "dtype": str(value.dtype),
-                                "b64": base64.b64encode(value.tobytes()).decode()}
+            out[tensor.name] = {"datatype": tensor.datatype, "shape": list(tensor.shape), "dtype": str(value.dtype)}
+            if value.dtype == object:  # BYTES: tritonclient's own deserialization, as UTF-8 strings
+                out[tensor.name]["strings"] = [v.decode() for v in value.reshape(-1)]
+            else:
+                out[tensor.name]["b64"] = base64.b64encode(value.tobytes()).decode()
         return {"model_name": response.model_name, "model_version": response.model_version, "id": response.id,
                 "outputs": out}
     raise ValueError(kind)
@@ -338,3 +342,39 @@ def test_server_live_and_ready_false_while_not_serving(unloaded_app: ServingApp)
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{unloaded_app.public_port}"))
     assert stub.ServerLive(pb.ServerLiveRequest()).live
     assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+
+
+def test_reasons_through_request_parameters_and_extra_outputs(
+    triton: Any, client: ScoringClient, tmp_path: Path
+) -> None:
+    """tritonclient asks for reasons with request parameters and reads the BYTES and FP64 reason tensors; they
+    equal the scoring API's reasons (docs/explanations.md)."""
+    matrix = rows(300, seed=21)
+    npy = save(tmp_path, "explain", matrix)
+    parameters = {"tabserve.explain": True, "tabserve.explain.top_k": 3}
+    explained, bad_top_k, not_explaining = triton([
+        infer_op([matrix_input(npy)], parameters=parameters),
+        infer_op([matrix_input(npy)], parameters={"tabserve.explain.top_k": 0}),
+        infer_op([matrix_input(npy)], outputs=["score", "reason_code"], parameters={"tabserve.explain": False}),
+    ])
+    assert explained["ok"], explained
+    outputs = explained["value"]["outputs"]
+    expected = client.score(matrix, explain=True, top_k=3)
+    assert expected.reasons
+    for name in ("reason_code", "reason_text", "reason_feature"):
+        assert (outputs[name]["datatype"], outputs[name]["shape"]) == ("BYTES", [300, 3])
+    for name in ("reason_contribution", "reason_value"):
+        assert (outputs[name]["datatype"], outputs[name]["shape"]) == ("FP64", [300, 3])
+    codes = np.array(outputs["reason_code"]["strings"], dtype=object).reshape(300, 3)
+    features = np.array(outputs["reason_feature"]["strings"], dtype=object).reshape(300, 3)
+    contributions = decoded(outputs["reason_contribution"]).reshape(300, 3)
+    for row in range(300):
+        reasons = expected.reasons.get(row, ())
+        assert list(codes[row][: len(reasons)]) == [r.code for r in reasons]
+        assert list(features[row][: len(reasons)]) == [r.feature for r in reasons]
+        assert contributions[row][: len(reasons)].tolist() == [r.contribution for r in reasons]
+        assert all(c == "" for c in codes[row][len(reasons):]) and np.isnan(contributions[row][len(reasons):]).all()
+    assert decoded(outputs["expected_value"]).tolist() == [expected.expected_value]
+    np.testing.assert_array_equal(decoded(outputs["score"]), expected.scores)
+    assert_invalid(bad_top_k, "top_k is 0")
+    assert_invalid(not_explaining, "reason outputs requested with tabserve.explain=false")

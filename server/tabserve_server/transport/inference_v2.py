@@ -8,7 +8,9 @@ Tensors the model accepts (FP64 or FP32, as `raw_input_contents` little-endian o
 - one tensor per feature, named as the feature, shape `[rows]` or `[rows, 1]` (not listed in the
   metadata, which advertises the `input` form only).
 Outputs: `score` (FP64 `[rows]`) and `decision` (BOOL `[rows]`: score >= threshold), always as
-`raw_output_contents`. ModelMetadata's `parameters` name the version's decision labels (what true and false mean).
+`raw_output_contents`. ModelMetadata's `parameters` name the version's decision labels (what true and false mean),
+the adverse one, and whether the version has a reason table. Reason codes: request parameters and extra
+outputs, in inference_v2_reasons.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tabserve_server.core.model import LoadedModel
 from tabserve_server.errors import InvalidInput, ModelUnavailable
 from tabserve_server.transport.edge import check_deadline
 from tabserve_server.transport.identity import request_context
+from tabserve_server.transport.inference_v2_reasons import REASON_OUTPUTS, encode_reason_outputs, explain_options
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "tabserve"
@@ -38,6 +41,8 @@ OUTPUTS = (SCORE_OUTPUT, DECISION_OUTPUT)
 # ModelMetadata parameters (MLServer's extension): what decision=true (score >= threshold) and false mean.
 POSITIVE_LABEL_PARAMETER = "tabserve.decision.positive"
 NEGATIVE_LABEL_PARAMETER = "tabserve.decision.negative"
+ADVERSE_LABEL_PARAMETER = "tabserve.decision.adverse"
+REASON_TABLE_PARAMETER = "tabserve.reason_table"
 
 # Accepted input datatypes: wire dtype of the raw bytes, and the typed-contents field.
 _INPUT_TYPES: dict[str, tuple[np.dtype[Any], str]] = {
@@ -114,18 +119,24 @@ def decode_inputs(request: Any, model: LoadedModel) -> RowBatch:
     return RowBatch(columns=columns)
 
 
-def requested_outputs(request: Any) -> list[str]:
-    names = [o.name for o in request.outputs] or list(OUTPUTS)
+def requested_outputs(request: Any, explain: bool) -> list[str]:
+    """The outputs to produce, in order: those requested, else score and decision (and the reasons when explaining)."""
+    produced = (*OUTPUTS, *REASON_OUTPUTS) if explain else OUTPUTS
+    names = [o.name for o in request.outputs] or list(produced)
     for name in names:
-        if name not in OUTPUTS:
-            raise InvalidInput(f"requested output {name!r} is not produced (outputs: {', '.join(OUTPUTS)})")
+        if name not in produced:
+            raise InvalidInput(f"requested output {name!r} is not produced (outputs: {', '.join(produced)})")
     return names
 
 
-def encode_outputs(request: Any, result: ScoreResult, names: list[str]) -> Any:
+def encode_outputs(request: Any, result: ScoreResult, names: list[str], top_k: int = 0) -> Any:
     response = pb.ModelInferResponse(model_name=result.model.name, model_version=result.model.version, id=request.id)
     rows = len(result.scores)
     for name in names:
+        if name in REASON_OUTPUTS:
+            assert result.explanations is not None  # requested_outputs allows them only when explaining
+            encode_reason_outputs(response, result.explanations, rows, top_k, [name])
+            continue
         if name == SCORE_OUTPUT:
             datatype, data = "FP64", np.ascontiguousarray(result.scores, dtype="<f8").tobytes()
         else:
@@ -179,14 +190,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             parameters={
                 POSITIVE_LABEL_PARAMETER: pb.InferParameter(string_param=model.labels.positive),
                 NEGATIVE_LABEL_PARAMETER: pb.InferParameter(string_param=model.labels.negative),
+                ADVERSE_LABEL_PARAMETER: pb.InferParameter(string_param=model.adverse_label),
+                REASON_TABLE_PARAMETER: pb.InferParameter(bool_param=model.reasons is not None),
             },
         )
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self._dataplane.model(request.model_name, request.model_version)
-        names = requested_outputs(request)
+        explain = explain_options(request, [o.name for o in request.outputs])
+        names = requested_outputs(request, explain is not None)
         batch = decode_inputs(request, model)
         check_deadline(context)
         # The data plane captures the live version again and validates the rows against it.
-        result = self._dataplane.score(batch, request.model_name, request.model_version, request_context(context))
-        return encode_outputs(request, result, names)
+        result = self._dataplane.score(
+            batch, request.model_name, request.model_version, request_context(context), explain
+        )
+        return encode_outputs(request, result, names, explain.top_k if explain is not None else 0)
