@@ -74,8 +74,8 @@ test: $(STAMP) protos-check buf-check alerts-check lint
 run: $(STAMP)
 	$(PY) -m tabserve_demo.embedded --data-dir $(DATA)
 
-## demo: scripted tour in a fresh temporary registry: score, promote a version and watch the switch,
-## promote a broken one and watch it refused while the good one keeps serving; exits 0 when all held
+## demo: scripted tour in a fresh temporary registry: score, explain a decline, promote a version and watch the
+## switch, promote a broken one and watch it refused while the good one keeps serving; exits 0 when all held
 demo: $(STAMP)
 	$(PY) -m tabserve_demo.tour
 

@@ -36,6 +36,10 @@ def test_demo_tour_end_to_end(tmp_path: Path) -> None:
         assert f"[{number}/8] " in out
     # The decision words come from the version's tags, as the server reports them.
     assert "(decline when P(default) >= threshold, else approve)" in out
+    # One declined applicant with its coded reasons, never age.
+    reasons = re.findall(r"^ {8}(R\d{3}) +.+? (\w+) = \S+ \(\+\d\.\d{3} log-odds\)$", out, re.M)
+    assert re.search(r"applicant #\d+ of 200 more: P\(default\) \S+, decline; principal reasons", out), out
+    assert 1 <= len(reasons) <= 4 and all(feature != "age" for _, feature in reasons), out
     # The hot reload: version 1 to 2, timed from the alias move, without failed calls.
     switch = re.search(r"switched: version 1 -> version 2, first response from version 2 ([\d.]+)s after", out)
     assert switch, out

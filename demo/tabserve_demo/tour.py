@@ -1,8 +1,9 @@
 """`make demo`: a scripted tour of tabserve, from an empty directory to a hot reload and a refused broken version.
 
 Bootstraps a SQLite MLflow registry with the demo model, starts the server and the monitor sidecar as child
-processes on free loopback ports, scores applicants, promotes a new version (and times the switch), promotes
-a broken version (and shows the server keeping the good one), rolls back, and stops both. Every wait is
+processes on free loopback ports, scores applicants (and shows one declined applicant's reasons), promotes
+a new version (and times the switch), promotes a broken version (and shows the server keeping the good one),
+rolls back, and stops both. Every wait is
 bounded; any failed step ends the tour with a non-zero exit code and the tail of the process logs.
 """
 
@@ -27,6 +28,7 @@ from tabserve.control.v1 import control_pb2
 from tabserve_client import ControlClient, ControlError, ScoringClient, ScoringError
 from tabserve_demo.processes import ChildProcess, MonitorProcess, ServerProcess
 from tabserve_demo.tour_output import STEPS, TourError, detail, metric_or_none, say, step, wait_until
+from tabserve_demo.tour_reasons import show_declined_applicant
 
 MODEL_NAME: Final = "credit-default"
 ALIAS: Final = "production"
@@ -107,7 +109,7 @@ class Tour:
                f"{POLL_INTERVAL_SECONDS:.0f}s")
 
     def _score_step(self, client: ScoringClient, rows: Any) -> None:
-        self._step(3, f"Score {len(rows)} applicants with tabserve_client.ScoringClient")
+        self._step(3, f"Score {len(rows)} applicants with tabserve_client.ScoringClient, and explain a decline")
         batch = _score(client, rows)
         info = client.model_info()  # the version's words for a decision, from its tabserve.decision.* tags
         detail(f"{'applicant':<10} {'P(default)':>10}  {'decision':<9} version")
@@ -117,6 +119,7 @@ class Tour:
                f"else {info.negative_label})")
         if batch.model_version != self.good:
             raise TourError(f"expected version {self.good} to answer, got {batch.model_version}")
+        show_declined_applicant(client)
 
     def _train_step(self) -> None:
         from tabserve_demo.registration import register_demo_version
