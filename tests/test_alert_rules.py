@@ -65,6 +65,7 @@ def test_expected_alerts_exist() -> None:
         "TabserveCanaryFailing",
         "TabserveHighErrorRate",
         "TabserveHighLatency",
+        "TabserveShedding",
         "TabserveTargetAmbiguous",
     }
 

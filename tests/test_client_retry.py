@@ -1,5 +1,6 @@
 """The scoring client's retries (tabserve_client/retry.py) against a scripted server: pushback honoured, one
-x-request-id per logical call, retries until the call's own deadline, the last status raised, no retry of others."""
+x-request-id per logical call, retries until the call's own deadline, the last status raised, no retry of others;
+the CLI's words for overload, and the monitor's canary shed with one attempt and counted as `shed`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ScoringClient, ScoringError, cli
+from tabserve_monitor.loop import Monitor
+from tabserve_monitor.metrics import MonitorMetrics
+from tabserve_monitor.settings import MonitorSettings
 
 PUSHBACK_MS = 150
 
@@ -42,7 +47,9 @@ class Scripted(scoring_pb2_grpc.ScoringServicer):
         return scoring_pb2.ScoreResponse(model_name="m", model_version="7", scores=[0.5], decisions=[True])
 
     def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAVAILABLE, "server overloaded: 9 calls waiting, 1 over the limit of 8")
+        if self.refusals > 0:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "server overloaded: 9 calls waiting, 1 over the limit of 8")
+        return scoring_pb2.ModelInfo(name="m", version="7", features=[scoring_pb2.Feature(name="x")])
 
 
 @pytest.fixture
@@ -90,8 +97,29 @@ def test_other_codes_are_not_retried(scripted: tuple[Scripted, str]) -> None:
 
 
 def test_the_cli_says_overloaded_in_words(scripted: tuple[Scripted, str], capsys: pytest.CaptureFixture[str]) -> None:
-    _, target = scripted
+    servicer, target = scripted
+    servicer.refusals = 10**6
     assert cli.main(["info", "--target", target, "--timeout", "0.5"]) == cli.EXIT_FAILED
     err = capsys.readouterr().err
     assert err.startswith("error: the server is overloaded: it refused the call until the 0.5 s timeout ran out")
     assert "UNAVAILABLE: server overloaded: 9 calls waiting" in err
+
+
+def test_the_monitor_canary_is_shed_like_any_caller_and_says_so(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    settings = MonitorSettings(public_address=target, control_address="127.0.0.1:1", rpc_timeout_seconds=2.0)
+    monitor = Monitor(settings, MonitorMetrics(CollectorRegistry()))
+    try:
+        monitor._probe_canary()  # the canary alone: no registry, no control port
+        servicer.refusals = 1
+        monitor._probe_canary()
+    finally:
+        monitor.close()
+    registry = monitor.metrics.collector_registry
+
+    def canary(result: str) -> float | None:
+        return registry.get_sample_value("tabserve_monitor_canary_requests_total", {"result": result})
+
+    assert (canary("success"), canary("shed"), canary("failure")) == (1.0, 1.0, 0.0)
+    assert len(servicer.seen) == 2  # one attempt each: the canary does not retry
+    assert registry.get_sample_value("tabserve_monitor_canary_up") == 0.0

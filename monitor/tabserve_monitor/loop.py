@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tabserve.control.v1 import control_pb2
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client.channel import open_channel
+from tabserve_client.client import OVERLOADED
 from tabserve_client.control import RECONNECT_OPTIONS, ControlClient, ControlError, aspired_version
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import Problem, RegistryError, RegistryWatcher, Resolution, Target
@@ -216,7 +217,7 @@ class Monitor:
         if not self.settings.canary:
             return
         timeout = self.settings.rpc_timeout_seconds
-        ok = False
+        ok, result = False, "failure"
         try:
             if self._canary_request is None:
                 info = self._scoring.GetModelInfo(scoring_pb2.GetModelInfoRequest(), timeout=timeout)
@@ -235,8 +236,14 @@ class Monitor:
                 self._canary_request = None  # a new version may have another feature count: resize next time
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else ""
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 self._canary_request = None
-            log.warning("canary Score on %s failed: %s", self.settings.public_address, code)
+            if code == grpc.StatusCode.UNAVAILABLE and (details or "").startswith(OVERLOADED):
+                # Shed like any caller (no retry: the canary measures what one attempt gets); a failed probe.
+                log.warning("canary Score on %s shed: %s", self.settings.public_address, details)
+                result = "shed"
+            else:
+                log.warning("canary Score on %s failed: %s", self.settings.public_address, code)
         self.metrics.canary_up.set(1 if ok else 0)
-        self.metrics.canary_requests.labels("success" if ok else "failure").inc()
+        self.metrics.canary_requests.labels("success" if ok else result).inc()

@@ -38,7 +38,8 @@ class MonitorMetrics:
         self.server_up = gauge("server_up", "1 when the server's grpc.health.v1 Check answers SERVING.")
         self.canary_up = gauge("canary_up", "1 when the last canary Score request on the public port succeeded.")
         self.canary_requests = Counter(
-            PREFIX + "canary_requests", "Canary Score requests (one all-missing row), by result: success, failure.",
+            PREFIX + "canary_requests",
+            "Canary Score requests (one all-missing row), by result: success, failure, shed (refused for load).",
             ["result"], registry=registry,
         )
         self.canary_duration = Histogram(
@@ -55,6 +56,7 @@ class MonitorMetrics:
         self.target_not_ready = gauge("target_not_ready", "1 when the target version's status is not READY.")
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        for result in ("success", "failure", "shed"):
             self.canary_requests.labels(result)
         for result in ("success", "registry_error", "server_error"):
             self.polls.labels(result)
