@@ -26,6 +26,7 @@ import pytest
 from tabserve_client import ControlClient, ScoreBatch, ScoringClient, ScoringError, aspired_version
 from tabserve_client.cli import main
 from tabserve_demo.applicants import FEATURE_NAMES, make_applicants, write_example_applicants
+from tabserve_demo.processes import ServerProcess
 from tabserve_server.app import ServingApp
 from tabserve_server.core.reasons import REASON_TABLE_PATH
 from tests.support import (
@@ -177,6 +178,25 @@ def test_cli_score_explain_writes_reason_columns(
     assert all(r["reason_1_feature"] not in ("", "age") and float(r["reason_1_contribution"]) > 0 for r in declined)
     assert all(r["reason_1_code"] == r["expected_value"] == "" for r in rows if r["label"] == "approve")
     assert "reason_2_value" in rows[0] and "reason_3_code" not in rows[0]
+
+
+def test_identical_reasons_after_a_restart_from_the_cache(tracking_uri: str, tmp_path: Path) -> None:
+    """A restarted server process with the registry down serves the cached copy: same table, same adverse
+    label, same reasons."""
+    matrix = make_applicants(300, seed=17)[0]
+    cache = tmp_path / "cache"
+    answers = []
+    for uri in (tracking_uri, "http://127.0.0.1:9"):  # the second: a registry that does not exist
+        with ServerProcess(server_settings(uri, cache, registry_timeout_seconds=1.0)) as process:
+            with ScoringClient(process.target, timeout=60) as scoring:
+                wait_for(lambda scoring=scoring: scoring.health() == "SERVING", timeout=60, what="SERVING")
+                info = scoring.model_info()
+                batch = scoring.score(matrix, explain=True)
+                answers.append((info.loaded_from, info.has_reason_table, info.adverse_label, batch.expected_value,
+                                dict(batch.reasons)))
+            assert process.terminate() == 0
+    assert [a[0] for a in answers] == ["registry", "cache"]
+    assert answers[0][1:] == answers[1][1:] and answers[0][1] and answers[0][4]
 
 
 # --- versions without a table and with a bad one: local copies of the model, in-process server ----------------
