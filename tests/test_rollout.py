@@ -26,6 +26,7 @@ from tabserve_server.supervisor.rollout import (
     next_step,
 )
 from tabserve_server.supervisor.servicer import WorkerEntry, state_from_message, status_message
+from tabserve_server.transport.admission import Limits
 
 V1, V2, V3 = Served("m", "1"), Served("m", "2"), Served("m", "3")
 AT = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -197,8 +198,10 @@ def test_protos_translate_both_ways() -> None:
                                                                    loaded.ToDatetime(tzinfo=UTC)), accepting=True)
     view = aggregate(states[0].serving, [*states, None], [0, 1, 2])  # the last agreement: version 1
     entries = [WorkerEntry(0, 10, 0, 9000, good), WorkerEntry(1, 11, 2, 9001, bad), WorkerEntry(2, 12, 5, 0, None)]
-    message = status_message(AspiredVersion("m", "2", "models:/m/2"), view, entries)
+    message = status_message(AspiredVersion("m", "2", "models:/m/2"), view, entries, Limits(8, 16, 0.25, 0.5))
     assert message.serving == good.serving
+    bounds = message.admission  # each worker's own
+    assert (bounds.max_in_flight, bounds.max_waiting, bounds.max_queue_seconds, bounds.caller_share) == (8, 16, 0.25, 0.5)
     assert message.load_state == control_pb2.LOAD_STATE_FAILED and not message.accepting_requests
     assert (message.last_error, message.failed_version, message.failed_attempts) == ("worker 1: boom", "2", 3)
     assert message.last_error_at == bad.last_error_at and message.next_attempt_at == bad.next_attempt_at

@@ -122,7 +122,7 @@ class ServingApp:
             options=[("grpc.so_reuseport", 0)],
         )
         control_pb2_grpc.add_ModelControlServicer_to_server(
-            ControlServicer(self.manager, token, self.accepting), self._control
+            ControlServicer(self.manager, token, self.accepting, Limits.of(s)), self._control
         )
         self.control_port = bind(self._control, s.control_address, control_tls(s))
 
@@ -158,9 +158,7 @@ class ServingApp:
         ]
         allowed = s.allowed_caller_set()
         pool = AdmissionExecutor(s.max_workers)
-        self.admission = Admission(
-            Limits(s.max_workers, s.waiting_limit, s.max_queue_seconds, s.caller_share), pool.queued_now, pool.waited
-        )
+        self.admission = Admission(Limits.of(s), pool.queued_now, pool.waited)
         self.metrics.waiting.set_function(pool.queued_now)
         edge = Edge(self.metrics, self.accepting, CallerPolicy(allowed) if allowed else None, self.admission,
                     identify=bool(s.tls_client_ca_file))

@@ -40,6 +40,7 @@ from tabserve_server.supervisor.workers import (
     stop_workers,
     worker_settings,
 )
+from tabserve_server.transport.admission import Limits
 from tabserve_server.transport.control import aspired_message
 from tabserve_server.transport.edge import Edge
 from tabserve_server.transport.tls import bind
@@ -230,7 +231,7 @@ class Supervisor:
         view = rollout.aggregate(agreed, states, [w.index for w in workers])
         entries = [WorkerEntry(w.index, w.pid, w.restarts, w.metrics_port, s)
                    for w, s in zip(workers, statuses, strict=True)]
-        return status_message(self.aspired(), view, entries)
+        return status_message(self.aspired(), view, entries, Limits.of(self.settings))
 
     def _note_agreement(self, states: list[rollout.WorkerState | None]) -> None:
         with self._lock:

@@ -13,8 +13,10 @@ from tabserve.control.v1 import control_pb2, control_pb2_grpc
 from tabserve_server.core.manager import LoadState
 from tabserve_server.core.model import AspiredVersion
 from tabserve_server.supervisor.rollout import Aggregate, Answer, Failure, Served, WorkerState
+from tabserve_server.transport.admission import Limits
 from tabserve_server.transport.control import (
     LOAD_STATE_MESSAGES,
+    admission_message,
     aspired_from_message,
     aspired_message,
     authorize,
@@ -67,12 +69,17 @@ class WorkerEntry:
     status: Any  # the worker's own GetStatusResponse; None when it did not answer
 
 
-def status_message(aspired: AspiredVersion, view: Aggregate, workers: Sequence[WorkerEntry]) -> Any:
-    """The supervisor's GetStatusResponse: the aggregate, then each worker with its own status."""
+def status_message(
+    aspired: AspiredVersion, view: Aggregate, workers: Sequence[WorkerEntry], limits: Limits | None = None
+) -> Any:
+    """The supervisor's GetStatusResponse: the aggregate (with `limits`, the bounds of each worker), then each
+    worker with its own status."""
     response = control_pb2.GetStatusResponse(
         aspired=aspired_message(aspired), load_state=LOAD_STATE_MESSAGES[view.load_state],
         accepting_requests=view.accepting,
     )
+    if limits is not None:
+        response.admission.CopyFrom(admission_message(limits))
     if view.serving is not None:
         response.serving.CopyFrom(served_message(view.serving))
     if view.failure is not None:

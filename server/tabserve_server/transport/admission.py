@@ -9,6 +9,8 @@ both exactly (every item it queues starts, even a call its client cancelled mean
   its remaining deadline is shorter than the expected time to serve it, or when its caller holds more than
   `caller_share` of the in-flight budget (identities from mutual TLS only).
 
+The bounds are per process (`Limits.of`); the control API's GetStatus reports them, a supervisor's too.
+
 A refusal says how overloaded the server is and when to come back (`pushback_ms`, the time the queue ahead
 takes to drain at the measured service time); the Edge answers it with UNAVAILABLE and gRFC A6's
 `grpc-retry-pushback-ms` trailer. Nothing here imports grpc.
@@ -23,6 +25,8 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
+
+from tabserve_server.settings import ServerSettings
 
 # Bounds of the pushback: a client should come back soon enough to find the queue drained, never hammer.
 MIN_PUSHBACK_MS = 10
@@ -50,6 +54,11 @@ class Limits:
     max_waiting: int
     max_queue_seconds: float
     caller_share: float = 1.0
+
+    @classmethod
+    def of(cls, settings: ServerSettings) -> Limits:
+        """The bounds of one process of a server with `settings` (a multi-worker server: of each worker)."""
+        return cls(settings.max_workers, settings.waiting_limit, settings.max_queue_seconds, settings.caller_share)
 
     @property
     def per_caller(self) -> int:

@@ -14,6 +14,7 @@ from tabserve_server.core.loading import model_name_from_uri
 from tabserve_server.core.manager import LoadState, ModelManager
 from tabserve_server.core.model import AspiredVersion, LoadedModel
 from tabserve_server.errors import InvalidInput, PermissionDenied, Unauthenticated
+from tabserve_server.transport.admission import Limits
 
 LOAD_STATE_MESSAGES = {
     LoadState.IDLE: control_pb2.LOAD_STATE_IDLE,
@@ -65,11 +66,21 @@ def _served_message(model: LoadedModel) -> Any:
     )
 
 
+def admission_message(limits: Limits) -> Any:
+    return control_pb2.AdmissionLimits(
+        max_in_flight=limits.max_in_flight, max_waiting=limits.max_waiting,
+        max_queue_seconds=limits.max_queue_seconds, caller_share=limits.caller_share,
+    )
+
+
 class ControlServicer(control_pb2_grpc.ModelControlServicer):
-    def __init__(self, manager: ModelManager, token: str, accepting: Any) -> None:
+    """`limits`: the public port's admission bounds, reported by GetStatus."""
+
+    def __init__(self, manager: ModelManager, token: str, accepting: Any, limits: Limits | None = None) -> None:
         self._manager = manager
         self._token = token
         self._accepting = accepting
+        self._limits = limits
 
     def SetAspiredVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
         authorize(self._token, context)
@@ -97,6 +108,8 @@ class ControlServicer(control_pb2_grpc.ModelControlServicer):
             failed_version=status.failed_version,
             accepting_requests=bool(self._accepting()),
         )
+        if self._limits is not None:
+            response.admission.CopyFrom(admission_message(self._limits))
         if status.serving is not None:
             response.serving.CopyFrom(_served_message(status.serving))
         if status.staged is not None:

@@ -84,7 +84,7 @@ class ServedVersion(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("serving", "aspired", "load_state", "last_error", "last_error_at", "next_attempt_at", "failed_attempts", "failed_version", "accepting_requests", "staged", "workers")
+    __slots__ = ("serving", "aspired", "load_state", "last_error", "last_error_at", "next_attempt_at", "failed_attempts", "failed_version", "accepting_requests", "staged", "workers", "admission")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     ASPIRED_FIELD_NUMBER: _ClassVar[int]
     LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class GetStatusResponse(_message.Message):
     ACCEPTING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     serving: ServedVersion
     aspired: AspiredVersion
     load_state: LoadState
@@ -107,7 +108,20 @@ class GetStatusResponse(_message.Message):
     accepting_requests: bool
     staged: ServedVersion
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, serving: _Optional[_Union[ServedVersion, _Mapping]] = ..., aspired: _Optional[_Union[AspiredVersion, _Mapping]] = ..., load_state: _Optional[_Union[LoadState, str]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failed_attempts: _Optional[int] = ..., failed_version: _Optional[str] = ..., accepting_requests: _Optional[bool] = ..., staged: _Optional[_Union[ServedVersion, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    admission: AdmissionLimits
+    def __init__(self, serving: _Optional[_Union[ServedVersion, _Mapping]] = ..., aspired: _Optional[_Union[AspiredVersion, _Mapping]] = ..., load_state: _Optional[_Union[LoadState, str]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failed_attempts: _Optional[int] = ..., failed_version: _Optional[str] = ..., accepting_requests: _Optional[bool] = ..., staged: _Optional[_Union[ServedVersion, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., admission: _Optional[_Union[AdmissionLimits, _Mapping]] = ...) -> None: ...
+
+class AdmissionLimits(_message.Message):
+    __slots__ = ("max_in_flight", "max_waiting", "max_queue_seconds", "caller_share")
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CALLER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    max_in_flight: int
+    max_waiting: int
+    max_queue_seconds: float
+    caller_share: float
+    def __init__(self, max_in_flight: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_queue_seconds: _Optional[float] = ..., caller_share: _Optional[float] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("index", "pid", "up", "restarts", "metrics_port", "status")
