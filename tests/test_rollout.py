@@ -201,7 +201,8 @@ def test_protos_translate_both_ways() -> None:
     message = status_message(AspiredVersion("m", "2", "models:/m/2"), view, entries, Limits(8, 16, 0.25, 0.5))
     assert message.serving == good.serving
     bounds = message.admission  # each worker's own
-    assert (bounds.max_in_flight, bounds.max_waiting, bounds.max_queue_seconds, bounds.caller_share) == (8, 16, 0.25, 0.5)
+    assert (bounds.max_in_flight, bounds.max_waiting) == (8, 16)
+    assert (bounds.max_queue_seconds, bounds.caller_share) == (0.25, 0.5)
     assert message.load_state == control_pb2.LOAD_STATE_FAILED and not message.accepting_requests
     assert (message.last_error, message.failed_version, message.failed_attempts) == ("worker 1: boom", "2", 3)
     assert message.last_error_at == bad.last_error_at and message.next_attempt_at == bad.next_attempt_at
