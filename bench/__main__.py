@@ -10,6 +10,7 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
   reload         p99 and failed calls while the version is switched under load       bench/serving.py
   multi-worker   several SO_REUSEPORT workers vs the single-process reference        bench/h2load.py
   mtls           single-row throughput over mutual TLS vs plaintext                  bench/mtls.py
+  explain        reasons served vs exact TreeSHAP in process (pred_contrib)          bench/explain.py
   monitor-poll   monitor per-poll cost, 500 versions vs 1                            bench/monitor_poll.py
   reload-memory  RSS after 50 reloads vs after 1                                     bench/reload_memory.py
 (each returns a dict of the shape in bench/report.py). The exit code is 0 only when every section is "ok".
@@ -36,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compute, h2load, monitor_poll, mtls, reload_memory, serving
+from bench import compute, explain, h2load, monitor_poll, mtls, reload_memory, serving
 from bench.model import FULL, TINY, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown
@@ -130,6 +131,9 @@ def run_all(quick: bool) -> dict[str, Any]:
         ))
         _guarded("mtls", sections, lambda: mtls.run(
             workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+        ))
+        _guarded("explain", sections, lambda: explain.run(
+            str(model.model_file), rows, quick=quick, start_server=start_server, wait_serving=wait_serving
         ))
         children.close()  # servers stop before the sections that start their own
     _guarded("monitor-poll", sections, lambda: monitor_poll.run(quick))

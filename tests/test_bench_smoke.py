@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("compute", "serving", "h2load", "reload", "multi-worker", "mtls", "monitor-poll", "reload-memory")
+SECTIONS = (
+    "compute", "serving", "h2load", "reload", "multi-worker", "mtls", "explain", "monitor-poll", "reload-memory",
+)
 
 
 @pytest.mark.timeout(900)
@@ -51,6 +53,7 @@ def test_quick_run_reports_every_section(tmp_path: Path) -> None:
         "single-row p50 via client", "single-row p99 via client", "single-row throughput, one process",
         "1000-row rows/s vs Booster.predict", "reload under load: p99 vs steady, zero failures",
         "single-row throughput, mutual TLS vs plaintext",
+        "explained single row p50 vs pred_contrib + serving", "explained 1000-row rows/s vs pred_contrib",
     } <= names
     for target in results["targets"]:
         assert isinstance(target["ratio"], int | float) and math.isfinite(target["ratio"]), target
