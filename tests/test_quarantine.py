@@ -142,7 +142,30 @@ def test_a_version_whose_model_file_does_not_match_its_digest_tag_is_refused(
     server.settle_on("1")
 
 
-@pytest.mark.parametrize("fault", ["half", "signature-mismatch"])
+def test_a_version_that_crashed_its_verifier_is_retried_no_faster_than_the_back_off(
+    server: Server, faults: dict[str, Path]
+) -> None:
+    """retry_initial_seconds 0.2, retry_max_seconds 1.0 (tests/support.py): attempt n waits min(1.0, 0.2 * 2**(n-1))."""
+    server.control.set_aspired(aspired_version(str(faults["half"]), name=MODEL_NAME, version="bad-backoff"))
+    seen: dict[int, tuple[float, float]] = {}  # attempt -> (failed at, next attempt at), Unix seconds
+
+    def five_attempts() -> bool:
+        status = server.status()
+        if status.failed_version == "bad-backoff" and status.failed_attempts:
+            seen.setdefault(status.failed_attempts, (status.last_error_at.ToMicroseconds() / 1e6,
+                                                     status.next_attempt_at.ToMicroseconds() / 1e6))
+        return len(seen) >= 1 and max(seen) >= 5
+
+    wait_for(five_attempts, timeout=60, interval=0.02, what="five failed attempts")
+    assert {3, 4, 5} <= set(seen)
+    for attempt in (3, 4):
+        failed_at, next_at = seen[attempt]
+        assert next_at - failed_at == pytest.approx(min(1.0, 0.2 * 2 ** (attempt - 1)), abs=0.05)
+        assert seen[attempt + 1][0] >= next_at - 0.02, f"attempt {attempt + 1} came before its back-off ended"
+    server.settle_on("1")
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 def test_start_up_on_a_bad_version_serves_the_cached_one(
     server: Server, faults: dict[str, Path], fault: str
 ) -> None:
