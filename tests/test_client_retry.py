@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from tabserve_client import ScoringClient, ScoringError, cli
+from tabserve_client import RetryPolicy, ScoringClient, ScoringError, cli
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.settings import MonitorSettings
@@ -86,6 +86,15 @@ def test_retries_last_until_the_deadline_then_the_last_status(scripted: tuple[Sc
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "overloaded" in caught.value.details
     assert len(servicer.seen) > 5  # more than gRPC's service-config retries could make
     assert 1.0 <= elapsed <= 2.5, elapsed
+
+
+def test_max_attempts_one_never_retries(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.refusals = 1
+    with ScoringClient(target, timeout=5) as client, pytest.raises(ScoringError) as caught:
+        client.retry = RetryPolicy(max_attempts=1)
+        client.score({"x": 1.0})
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and len(servicer.seen) == 1
 
 
 def test_other_codes_are_not_retried(scripted: tuple[Scripted, str]) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tabserve_client import Keepalive, ScoringClient
+from tabserve_client import Keepalive, RetryPolicy, ScoringClient
 from tabserve_client.channel import open_channel
 from tabserve_server.app import ServingApp
 from tabserve_server.settings import ServerSettings
@@ -133,9 +133,10 @@ def test_one_connection_keeps_scoring_through_goaways_with_no_failed_call(servin
     failures: list[str] = []
     ports: set[int] = set()
     calls = 0
-    # Retries off: a call lost to a GOAWAY would fail here instead of being retried by the client's policy.
+    # Retries off (gRPC's and the library's): a call lost to a GOAWAY would fail here instead of being retried.
     with grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]) as channel, \
             ScoringClient(channel=channel, timeout=10) as client:
+        client.retry = RetryPolicy(max_attempts=1)
         row = np.zeros((1, len(client.feature_names())))
         deadline = time.monotonic() + 4.0
         while time.monotonic() < deadline:

@@ -26,12 +26,13 @@ REQUEST_ID_KEY = "x-request-id"
 class RetryPolicy:
     """Back-off between attempts: full jitter over `initial_seconds` x `multiplier` ** attempt, at most
     `max_seconds`; a server's pushback is waited instead, with up to `pushback_jitter` more, so callers refused
-    together do not come back together."""
+    together do not come back together. `max_attempts`: 0 retries until the deadline; 1 never retries."""
 
     initial_seconds: float = 0.05
     max_seconds: float = 1.0
     multiplier: float = 2.0
     pushback_jitter: float = 0.5
+    max_attempts: int = 0
 
     def delay(self, attempt: int, pushback_ms: int | None, rng: random.Random) -> float:
         if pushback_ms is not None:
@@ -64,7 +65,7 @@ def call_with_retries(
         try:
             return method(request, timeout=max(0.001, deadline - time.monotonic()), metadata=metadata)
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == policy.max_attempts:
                 raise
             wait = policy.delay(attempt, pushback_ms(exc), rng)
             if time.monotonic() + wait >= deadline:
