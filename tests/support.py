@@ -183,6 +183,17 @@ class Server:
             self.process.close()
 
 
+@contextlib.contextmanager
+def settled_server(settings: ServerSettings, version: str = "1") -> Iterator[Server]:
+    """A server child process with `settings`, settled on `version` of MODEL_NAME; closed at the end."""
+    running = Server(settings)
+    try:
+        running.settle_on(version)
+        yield running
+    finally:
+        running.close()
+
+
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"
 TRITON_VENV = Path(__file__).resolve().parent.parent / ".venv" / "tritonclient"
 

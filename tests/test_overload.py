@@ -20,7 +20,7 @@ from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ScoringClient
 from tabserve_server.transport.admission import Admission, Limits
 from tabserve_server.transport.edge import PUSHBACK_KEY
-from tests.support import SCORE_METHOD, Server, server_settings
+from tests.support import SCORE_METHOD, Server, server_settings, settled_server
 
 CONNECTIONS = 6
 # At this size gRPC core's own pending-request limits shed calls as CANCELLED (measured: 2,526 of 10,000 without
@@ -33,12 +33,8 @@ FEATURES = 189
 def server(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     settings = server_settings(tracking_uri, tmp_path_factory.mktemp("overload") / "cache", max_workers=4,
                                max_waiting=8, max_queue_seconds=0.1)
-    running = Server(settings)
-    try:
-        running.settle_on("1")
+    with settled_server(settings) as running:
         yield running
-    finally:
-        running.close()
 
 
 def flood(target: str, calls: int, timeout: float = 60.0) -> list[tuple[grpc.StatusCode, str, dict[str, str]]]:

@@ -21,7 +21,7 @@ from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ScoringClient
 from tabserve_client.channel import open_channel
 from tests.certs import Pki, make_pki
-from tests.support import Server, server_settings
+from tests.support import Server, server_settings, settled_server
 
 FEATURES = 189
 NOISY_THREADS = 12
@@ -42,12 +42,8 @@ def server(tracking_uri: str, pki: Pki, tmp_path_factory: pytest.TempPathFactory
         tls_cert_file=str(pki.server.cert_file), tls_key_file=str(pki.server.key_file),
         tls_client_ca_file=str(pki.ca.cert_file),
     )
-    running = Server(settings)
-    try:
-        running.settle_on("1")
+    with settled_server(settings) as running:
         yield running
-    finally:
-        running.close()
 
 
 def flood_with_batches(target: str, pki: Pki, stop: threading.Event) -> list[grpc.StatusCode]:
