@@ -180,11 +180,12 @@ def test_agreed(previous: Served | None, states: list[WorkerState | None], expec
 
 def test_protos_translate_both_ways() -> None:
     """A worker's GetStatus proto into the rollout's state and the aggregate back into the supervisor's proto:
-    served version (with its load time), failure (with its times) and the worker list survive."""
+    served version (with its load time and digest), failure (with its times) and the worker list survive."""
     loaded = Timestamp(seconds=1_800_000_000, nanos=123_000)
+    digest = "sha256:" + "ab" * 32
     good = control_pb2.GetStatusResponse(
         serving=control_pb2.ServedVersion(model_name="m", version="1", source_uri="s3://b/1", loaded_from="registry",
-                                          loaded_at=loaded),
+                                          loaded_at=loaded, digest=digest),
         load_state=control_pb2.LOAD_STATE_IDLE, accepting_requests=True,
     )
     bad = control_pb2.GetStatusResponse()
@@ -195,11 +196,12 @@ def test_protos_translate_both_ways() -> None:
     bad.next_attempt_at.CopyFrom(Timestamp(seconds=1_800_000_060))
     states = [state_from_message(good), state_from_message(bad)]
     assert states[0] == WorkerState(LoadState.IDLE, serving=Served("m", "1", "s3://b/1", "registry",
-                                                                   loaded.ToDatetime(tzinfo=UTC)), accepting=True)
+                                                                   loaded.ToDatetime(tzinfo=UTC), digest),
+                                    accepting=True)
     view = aggregate(states[0].serving, [*states, None], [0, 1, 2])  # the last agreement: version 1
     entries = [WorkerEntry(0, 10, 0, 9000, good), WorkerEntry(1, 11, 2, 9001, bad), WorkerEntry(2, 12, 5, 0, None)]
     message = status_message(AspiredVersion("m", "2", "models:/m/2"), view, entries, Limits(8, 16, 0.25, 0.5))
-    assert message.serving == good.serving
+    assert message.serving == good.serving and message.serving.digest == digest  # every ServedVersion field
     bounds = message.admission  # each worker's own
     assert (bounds.max_in_flight, bounds.max_waiting) == (8, 16)
     assert (bounds.max_queue_seconds, bounds.caller_share) == (0.25, 0.5)

@@ -25,6 +25,7 @@ class Served:
     source_uri: str = ""
     loaded_from: str = ""
     loaded_at: datetime | None = None
+    digest: str = ""  # "sha256:<hex>" of the bytes the version was parsed from
 
     @property
     def key(self) -> tuple[str, str]:

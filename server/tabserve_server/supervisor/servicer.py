@@ -34,13 +34,13 @@ def served_from_message(message: Any) -> Served | None:
     if not message.model_name:
         return None
     return Served(message.model_name, message.version, message.source_uri, message.loaded_from,
-                  _time(message, "loaded_at"))
+                  _time(message, "loaded_at"), message.digest)
 
 
 def served_message(served: Served) -> Any:
     return control_pb2.ServedVersion(model_name=served.model_name, version=served.version,
                                      source_uri=served.source_uri, loaded_from=served.loaded_from,
-                                     loaded_at=timestamp(served.loaded_at))
+                                     loaded_at=timestamp(served.loaded_at), digest=served.digest)
 
 
 def state_from_message(status: Any) -> WorkerState:
