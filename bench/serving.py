@@ -11,6 +11,7 @@ on a shared machine hits both sides alike. Figures:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ControlClient, ScoringClient, aspired_version
 
 Call = Callable[[np.ndarray], Any]
+log = logging.getLogger(__name__)
+
 CALLERS = 16
 
 
@@ -81,8 +84,12 @@ def concurrent_calls(call: Call, singles: Sequence[np.ndarray], total: int, call
         for i in range(per_caller):
             try:
                 call(singles[(index * per_caller + i) % len(singles)])
-            except Exception:
+            except Exception as exc:
                 failures[index] += 1
+                # Say what failed (an overload refusal, a GOAWAY, ...): a count alone cannot be explained later.
+                code = exc.code() if isinstance(exc, grpc.RpcError) else None
+                log.warning("call failed: %s %s", getattr(code, "name", type(exc).__name__),
+                            exc.details() if isinstance(exc, grpc.RpcError) else exc)
 
     threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(callers)]
     for t in threads:
