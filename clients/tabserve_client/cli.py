@@ -1,36 +1,35 @@
 """`tabserve-client`: the commands `score`, `info` and `health`, their arguments, output and exit codes.
 
-Reading the input files (CSV, JSON lines, checking their columns) is in `tabserve_client.inputs`.
+Reading the input files (CSV, JSON lines, checking their columns) is in `tabserve_client.inputs`; writing the
+scores (CSV, JSON lines) in `tabserve_client.outputs`.
 Depends on the standard library, numpy and grpcio only (like the rest of tabserve_client).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
-from typing import IO, Any, Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 import grpc
 
 from tabserve_client import explain_output
 from tabserve_client.cli_connection import add_connection_arguments, connection_arguments
-from tabserve_client.client import ModelInfo, Reason, ScoreBatch, ScoringClient, ScoringError
+from tabserve_client.client import ModelInfo, ScoreBatch, ScoringClient, ScoringError
 from tabserve_client.explain_output import Explain
 from tabserve_client.inputs import INPUT_FORMATS, InputError, ParsedInput, error_reason, read_rows
+from tabserve_client.outputs import OUTPUT_FIELDS, write_scores
 
 DEFAULT_TARGET: Final = "localhost:50051"
 TARGET_ENV: Final = "TABSERVE_TARGET"
 DEFAULT_TIMEOUT_S: Final = 10.0
 DEFAULT_ID_COLUMN: Final = "applicant_id"
 DEFAULT_BATCH_SIZE: Final = 1000
-# `decision` is score >= threshold; `label` says what that means for the version (e.g. decline / approve).
-OUTPUT_FIELDS: Final = ("score", "decision", "label", "threshold", "model_name", "model_version")
 _FEATURES_SHOWN: Final = 8
 _ROW_IN_DETAILS: Final = re.compile(r"\brow (\d+)\b")
 
@@ -99,62 +98,6 @@ def _score_all(
     return results, known
 
 
-def _output_rows(
-    parsed: ParsedInput, results: Sequence[ScoreBatch], infos: dict[tuple[str, str], ModelInfo]
-) -> Iterator[tuple[Any, float, bool, str, ScoreBatch, tuple[Reason, ...]]]:
-    index = 0
-    for batch in results:
-        info = infos[(batch.model_name, batch.model_version)]
-        for i, (score, decision) in enumerate(zip(batch.scores.tolist(), batch.decisions.tolist(), strict=True)):
-            row_id = parsed.ids[index] if parsed.has_ids else None
-            yield row_id, float(score), bool(decision), info.label(bool(decision)), batch, batch.reasons.get(i, ())
-            index += 1
-
-
-def _write_output(
-    out: IO[str],
-    fmt: str,
-    id_column: str,
-    parsed: ParsedInput,
-    results: Sequence[ScoreBatch],
-    *,
-    infos: dict[tuple[str, str], ModelInfo],
-    explain: Explain | None = None,
-) -> None:
-    if fmt == "jsonl":
-        for row_id, score, decision, label, batch, reasons in _output_rows(parsed, results, infos):
-            record: dict[str, Any] = {id_column: row_id} if parsed.has_ids else {}
-            record.update(
-                score=score,
-                decision=decision,
-                label=label,
-                threshold=batch.threshold,
-                model_name=batch.model_name,
-                model_version=batch.model_version,
-            )
-            if explain is not None:
-                record.update(explain_output.reason_record(reasons, batch.expected_value))
-            out.write(json.dumps(record) + "\n")
-        return
-    writer = csv.writer(out, lineterminator="\n")
-    reason_header = explain_output.reason_columns(explain.top_k) if explain is not None else []
-    writer.writerow([*([id_column] if parsed.has_ids else []), *OUTPUT_FIELDS, *reason_header])
-    for row_id, score, decision, label, batch, reasons in _output_rows(parsed, results, infos):
-        cells = [
-            repr(score),
-            "true" if decision else "false",
-            label,
-            repr(batch.threshold),
-            batch.model_name,
-            batch.model_version,
-        ]
-        if explain is not None:
-            cells += explain_output.reason_cells(reasons, batch.expected_value, explain.top_k)
-        if parsed.has_ids:
-            cells.insert(0, row_id if isinstance(row_id, str) else json.dumps(row_id))
-        writer.writerow(cells)
-
-
 def _meaning(info: ModelInfo) -> str:
     """What `decision` means for this version, in its own words."""
     return (
@@ -174,12 +117,12 @@ def _cmd_score(client: ScoringClient, args: argparse.Namespace) -> int:
     explain = explain_output.explain_from_arguments(args)
     results, infos = _score_all(client, parsed, info, explain)
     if args.output in (None, "-"):
-        _write_output(sys.stdout, args.output_format, args.id_column, parsed, results, infos=infos, explain=explain)
+        write_scores(sys.stdout, args.output_format, args.id_column, parsed, results, infos=infos, explain=explain)
         sys.stdout.flush()
     else:
         try:
             with open(args.output, "w", encoding="utf-8", newline="") as out:
-                _write_output(out, args.output_format, args.id_column, parsed, results, infos=infos,
+                write_scores(out, args.output_format, args.id_column, parsed, results, infos=infos,
                               explain=explain)
         except OSError as exc:
             raise InputError(f"cannot write {args.output}: {error_reason(exc)}") from None
