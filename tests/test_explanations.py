@@ -47,11 +47,13 @@ AGE = FEATURE_NAMES.index("age")
 def model_dir(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The registered version 1's model directory, as the server downloads it."""
     import mlflow
+    from mlflow import MlflowClient
 
     target = tmp_path_factory.mktemp("explain-model")
-    path = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{MODEL_NAME}/1", dst_path=str(target), tracking_uri=tracking_uri
-    )
+    # The registry is named explicitly: a models:/ URI alone resolves in MLflow's process-wide registry URI,
+    # which other test modules set to registries of their own.
+    source = MlflowClient(tracking_uri, tracking_uri).get_model_version_download_uri(MODEL_NAME, "1")
+    path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target), tracking_uri=tracking_uri)
     return Path(path)
 
 
