@@ -95,8 +95,9 @@ class ServerSettings(Settings):
         above=0,
     )
     caller_share: float = setting(
-        0.5, "Largest share of max_workers one caller identity (mutual TLS) may hold in flight; more is refused "
-        "(UNAVAILABLE, overloaded). 1: no per-caller limit.", above=0, maximum=1,
+        1.0, "Largest share of max_workers one caller identity (mutual TLS) may hold in flight; more is refused "
+        "(UNAVAILABLE, overloaded). 1: no per-caller limit (a server with one calling service uses every thread); "
+        "set it below 1 when several services share a server.", above=0, maximum=1,
     )
     workers: int = setting(
         1, "Worker processes sharing the public port (SO_REUSEPORT); 0: one per core.", minimum=0
