@@ -124,7 +124,7 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         accepting = None if probe else self._accepting
         policy = self._policy
         admission = None if probe else self._admission
-        identify = self._identify
+        identify = self._identify or policy is not None  # the identity is read once per call, for both uses
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
@@ -141,7 +141,7 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
                 metrics.in_flight.inc()
             try:
                 if policy is not None:
-                    self._count_caller(policy.check(context))
+                    self._count_caller(policy.check(caller))
                 return inner(request, context)
             except ServingError as exc:
                 status = status_of(exc)

@@ -34,9 +34,8 @@ class CallerPolicy:
     def __init__(self, allowed: Iterable[str]) -> None:
         self.allowed = frozenset(allowed)
 
-    def check(self, context: grpc.ServicerContext) -> str:
-        """The caller's identity when it is allowed; PermissionDenied naming it otherwise."""
-        caller = caller_identity(context)
+    def check(self, caller: str) -> str:
+        """`caller` (its identity, from `caller_identity`) when it is allowed; PermissionDenied naming it otherwise."""
         if caller in self.allowed:
             return caller
         who = f"{caller!r}" if caller else "without a certificate identity (no SAN)"
