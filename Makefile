@@ -63,7 +63,7 @@ alerts-check: $(STAMP)
 	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --check
 
 lint: $(STAMP)
-	$(PY) -m ruff check common server clients monitor demo tests tools bench
+	$(PY) -m ruff check common server clients monitor demo admin tests tools bench
 	$(PY) -m mypy
 
 test: $(STAMP) protos-check buf-check alerts-check lint

@@ -40,7 +40,7 @@ def test_every_monitor_setting_and_metric_is_in_the_readme() -> None:
 
 # The hand-written packages whose every module the README's layout table names.
 PACKAGES = ("server/tabserve_server", "monitor/tabserve_monitor", "common/tabserve_common", "demo/tabserve_demo",
-            "clients/tabserve_client")
+            "clients/tabserve_client", "admin/tabserve_admin")
 
 
 def _layout_rows() -> list[tuple[list[str], str]]:
