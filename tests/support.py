@@ -66,6 +66,8 @@ def server_settings(tracking_uri: str, cache_dir: Path, **overrides: Any) -> Ser
         "control_address": "127.0.0.1:0",
         "metrics_address": "127.0.0.1:0",
         "cache_dir": str(cache_dir),
+        # Beside the cache, never the working directory (the decision log is on by default).
+        "decision_log_dir": str(cache_dir.with_name(cache_dir.name + "-decisions")),
         "retry_initial_seconds": 0.2,
         "retry_max_seconds": 1.0,
         "registry_timeout_seconds": 2.0,

@@ -60,6 +60,37 @@ class ScoreHistogram(Collector):
         )
 
 
+class DecisionLogMetrics:
+    """The decision log's metrics (decisions/log.py); one set per process, whether the log is on or not."""
+
+    DROP_REASONS = ("queue_full", "write_error", "invalid", "closed")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.written = Counter(
+            PREFIX + "decision_records_written", "Records written to the decision log, by kind (decision, start, "
+            "close, dropped, pruned).", ["kind"], registry=registry,
+        )
+        self.written.labels("decision")
+        self.dropped = Counter(
+            PREFIX + "decision_records_dropped", "Decision records not written, by reason (queue_full, "
+            "write_error, invalid, closed).", ["reason"], registry=registry,
+        )
+        for reason in self.DROP_REASONS:
+            self.dropped.labels(reason)
+        self.queue_depth = Gauge(
+            PREFIX + "decision_log_queue_depth", "Decision records queued for the writer thread.", registry=registry
+        )
+        self.write_failing = Gauge(
+            PREFIX + "decision_log_write_failing", "1 while the decision log cannot write (its last write failed).",
+            registry=registry,
+        )
+        self.files_pruned = Counter(
+            PREFIX + "decision_log_files_pruned", "Decision log files removed by retention, by reason (size, age).",
+            ["reason"], registry=registry,
+        )
+
+
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -120,6 +151,7 @@ class ServerMetrics:
             PREFIX + "worker_restarts", "Worker processes restarted by the supervisor after they died.",
             registry=registry,
         )
+        self.decision_log = DecisionLogMetrics(registry)
         self.scores = ScoreHistogram()
         registry.register(self.scores)
         self._served_labels: tuple[str, str, str] | None = None

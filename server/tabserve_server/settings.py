@@ -11,6 +11,7 @@ from tabserve_common.settings import LOG_LEVELS, Settings, setting
 ENV_PREFIX = "TABSERVE_SERVER_"
 # Durations gRPC takes as a C int of milliseconds (about 24.8 days).
 _MAX_SECONDS = (2**31 - 1) // 1000
+DECISION_INPUTS = ("DIGEST", "FULL", "NONE")
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,39 @@ class ServerSettings(Settings):
         2**30, "Largest model file (MLmodel, LightGBM model) accepted; a larger one is refused before parsing.",
         minimum=1,
     )
+    # The decision log (decisions/): on by default, so an answered decision is never unrecorded by omission.
+    decision_log_dir: str = setting(
+        "decisions", "Directory of the decision log: one hash-chained file set per worker process "
+        "(DIR/WORKER/decisions-NNNNNNNN.jsonl); empty: no decision log.",
+    )
+    decision_log_inputs: str = setting(
+        "digest", "What a decision record holds of each input row: digest (SHA-256 of the row), full (the "
+        "feature values: personal data, kept as long as retention keeps the files) or none.",
+        choices=DECISION_INPUTS,
+    )
+    decision_log_required: bool = setting(
+        False, "Answer a scoring call only once its record was handed to the operating system; while records "
+        "cannot be written, calls get UNAVAILABLE saying why. False: records that cannot be written are "
+        "dropped and counted, scoring goes on.",
+    )
+    decision_log_queue_size: int = setting(
+        10_000, "Records waiting for the writer thread (per process): the most a killed process loses; past it, "
+        "records are dropped (required mode: calls wait up to 5 s, then UNAVAILABLE).", minimum=1,
+    )
+    decision_log_max_file_bytes: int = setting(
+        64 * 1024 * 1024, "Size at which the decision log starts its next numbered file.", minimum=4096,
+    )
+    decision_log_retention_bytes: int = setting(
+        10 * 1024**3, "Largest total size of one worker's decision log files; the oldest whole files are removed "
+        "beyond it (recorded in the log); 0: no limit.", minimum=0,
+    )
+    decision_log_retention_seconds: float = setting(
+        0.0, "Age after which a decision log file is removed (recorded in the log); 0: no age limit.", minimum=0,
+    )
+    decision_log_key_file: str = setting(
+        "", "File holding the key (at least 32 bytes) that makes the decision log's chain an HMAC: without it, "
+        "anyone who can write the files can rebuild a consistent chain.",
+    )
     log_level: str = setting("INFO", "Logging level (any case).", choices=LOG_LEVELS)
 
     def check(self) -> None:
@@ -147,6 +181,12 @@ class ServerSettings(Settings):
         self.require_together("metrics_cert_file", "metrics_key_file")
         self.exclusive("control_token", "control_token_file")
         self.loopback_unless("control_address", ("control_token_file", "control_token"), ("tls_cert_file",))
+        if 0 < self.decision_log_retention_bytes < self.decision_log_max_file_bytes:
+            raise self.invalid(
+                "decision_log_retention_bytes",
+                f"must be 0 or >= --decision-log-max-file-bytes ({self.decision_log_max_file_bytes})",
+                self.decision_log_retention_bytes,
+            )
         if self.retry_initial_seconds > self.retry_max_seconds:
             raise self.invalid(
                 "retry_initial_seconds", f"must be <= --retry-max-seconds ({self.retry_max_seconds})",
@@ -156,6 +196,11 @@ class ServerSettings(Settings):
     @property
     def waiting_limit(self) -> int:
         return self.max_waiting or 2 * self.max_workers
+
+    @property
+    def decision_inputs(self) -> str:
+        """`decision_log_inputs` in lower case: digest, full or none."""
+        return self.decision_log_inputs.lower()
 
     @property
     def tls(self) -> bool:

@@ -19,6 +19,7 @@ SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]  # family, sample name,
 _GAUGE_MERGE: dict[str, Callable[[list[float]], float]] = {
     PREFIX + "requests_in_flight": sum,
     PREFIX + "requests_waiting": sum,
+    PREFIX + "decision_log_queue_depth": sum,
     PREFIX + "serving": min,
     PREFIX + "model_load_failing": max,
 }

@@ -1,0 +1,179 @@
+"""The decision log's writer on real files: counts, order, rotation, restarts, failing disks, required mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tabserve_server.decisions.chain import GENESIS
+from tabserve_server.decisions.log import DecisionLog, DecisionLogUnavailable, open_decision_log
+from tabserve_server.decisions.sink import file_name, numbered_files
+from tabserve_server.settings import ServerSettings
+
+WORKER = "worker-0"
+
+
+def open_log(directory: Path, **overrides: Any) -> DecisionLog:
+    log = open_decision_log(ServerSettings(decision_log_dir=str(directory), **overrides), WORKER)
+    assert log is not None
+    return log
+
+
+def records(directory: Path) -> list[dict[str, Any]]:
+    """Every record of the worker's file set, oldest first."""
+    out = []
+    for _, path in numbered_files(directory / WORKER):
+        out.extend(json.loads(line) for line in path.read_bytes().splitlines())
+    return out
+
+
+def decisions(directory: Path) -> list[dict[str, Any]]:
+    return [r for r in records(directory) if r["kind"] == "decision"]
+
+
+def sample(log: DecisionLog, name: str, **labels: str) -> float:
+    value = log.metrics.registry.get_sample_value(name, labels)
+    assert value is not None, f"no sample {name} {labels}"
+    return value
+
+
+def assert_chained(found: list[dict[str, Any]]) -> None:
+    previous = GENESIS
+    for seq, record in enumerate(found, start=1):
+        assert (record["seq"], record["prev"]) == (seq, previous), record
+        previous = record["hash"]
+
+
+def test_every_record_is_written_once_in_order_and_chained(tmp_path: Path) -> None:
+    log = open_log(tmp_path)
+    for i in range(5000):
+        log.submit({"i": i})
+    log.close()
+    found = records(tmp_path)
+    assert [r["i"] for r in found if r["kind"] == "decision"] == list(range(5000))
+    assert [found[0]["kind"], found[-1]["kind"]] == ["start", "close"]
+    assert_chained(found)
+    assert sample(log, "tabserve_server_decision_records_written_total", kind="decision") == 5000
+    assert sample(log, "tabserve_server_decision_log_queue_depth") == 0
+
+
+def test_rotation_keeps_files_under_the_limit_and_chains_across_them(tmp_path: Path) -> None:
+    log = open_log(tmp_path, decision_log_max_file_bytes=4096, decision_log_retention_bytes=0)
+    for i in range(300):
+        log.submit({"i": i, "pad": "x" * 100})
+    log.close()
+    files = numbered_files(tmp_path / WORKER)
+    assert len(files) > 5
+    assert [n for n, _ in files] == list(range(1, len(files) + 1))
+    assert all(path.stat().st_size <= 4096 for _, path in files)
+    assert len(decisions(tmp_path)) == 300
+    assert_chained(records(tmp_path))
+
+
+def test_a_restarted_writer_continues_the_chain(tmp_path: Path) -> None:
+    for run in range(3):
+        log = open_log(tmp_path)
+        for i in range(10):
+            log.submit({"run": run, "i": i})
+        log.close()
+    found = records(tmp_path)
+    assert [r["kind"] for r in found].count("start") == 3
+    assert len(decisions(tmp_path)) == 30
+    assert_chained(found)
+
+
+def test_a_failing_device_drops_and_counts_without_blocking(tmp_path: Path) -> None:
+    """The worker's current file is /dev/full: every write fails with ENOSPC; submit stays fast."""
+    (tmp_path / WORKER).mkdir()
+    (tmp_path / WORKER / file_name(1)).symlink_to("/dev/full")
+    log = open_log(tmp_path)
+    started = time.monotonic()
+    for i in range(2000):
+        log.submit({"i": i})
+    submit_seconds = time.monotonic() - started
+    log.close(timeout=10)
+    dropped = sample(log, "tabserve_server_decision_records_dropped_total", reason="write_error") + sample(
+        log, "tabserve_server_decision_records_dropped_total", reason="queue_full")
+    assert dropped == 2000
+    assert sample(log, "tabserve_server_decision_records_written_total", kind="decision") == 0
+    assert sample(log, "tabserve_server_decision_log_write_failing") == 1
+    assert submit_seconds < 1.0
+
+
+def test_a_full_queue_drops_and_the_log_says_how_many(tmp_path: Path) -> None:
+    log = open_log(tmp_path, decision_log_queue_size=1)
+    for i in range(20000):
+        log.submit({"i": i})
+    log.close()
+    full = sample(log, "tabserve_server_decision_records_dropped_total", reason="queue_full")
+    assert full > 0
+    found = records(tmp_path)
+    assert len([r for r in found if r["kind"] == "decision"]) + full == 20000
+    assert sum(r["count"] for r in found if r["kind"] == "dropped") == full
+    assert_chained(found)
+
+
+def test_an_unencodable_record_costs_only_itself(tmp_path: Path) -> None:
+    log = open_log(tmp_path)
+    log.submit({"i": 0})
+    log.submit({"i": float("nan")})
+    log.submit({"i": 2})
+    log.close()
+    assert [r["i"] for r in decisions(tmp_path)] == [0, 2]
+    assert sample(log, "tabserve_server_decision_records_dropped_total", reason="invalid") == 1
+
+
+def test_required_mode_returns_once_the_record_is_in_the_file(tmp_path: Path) -> None:
+    log = open_log(tmp_path, decision_log_required=True)
+    try:
+        for i in range(20):
+            log.submit({"i": i})
+            assert decisions(tmp_path)[-1]["i"] == i  # before close(): handed to the OS already
+    finally:
+        log.close()
+
+
+def test_required_mode_raises_with_the_reason_when_the_disk_fails(tmp_path: Path) -> None:
+    (tmp_path / WORKER).mkdir()
+    (tmp_path / WORKER / file_name(1)).symlink_to("/dev/full")
+    log = open_log(tmp_path, decision_log_required=True)
+    try:
+        with pytest.raises(DecisionLogUnavailable, match="No space left on device"):
+            log.submit({"i": 1})
+    finally:
+        log.close()
+    assert sample(log, "tabserve_server_decision_records_dropped_total", reason="write_error") == 1
+    with pytest.raises(DecisionLogUnavailable, match="closed"):
+        log.submit({"i": 2})
+
+
+def test_a_file_set_is_written_by_one_process_at_a_time(tmp_path: Path) -> None:
+    first = open_log(tmp_path)
+    second = open_log(tmp_path, decision_log_required=True)
+    try:
+        first.submit({"i": 1})
+        with pytest.raises(DecisionLogUnavailable, match="held by another process"):
+            second.submit({"i": 2})
+    finally:
+        first.close()
+        second.close()
+    assert [r["i"] for r in decisions(tmp_path)] == [1]
+
+
+def test_close_writes_everything_queued(tmp_path: Path) -> None:
+    """A big queue filled faster than the writer drains it: close() still writes every record."""
+    log = open_log(tmp_path, decision_log_queue_size=50000)
+    for i in range(30000):
+        log.submit({"i": i, "pad": "y" * 50})
+    log.close()
+    assert len(decisions(tmp_path)) == 30000
+    assert os.listdir(tmp_path / WORKER)
+
+
+def test_an_empty_directory_setting_turns_the_log_off() -> None:
+    assert open_decision_log(ServerSettings(decision_log_dir=""), WORKER) is None
