@@ -24,12 +24,12 @@ from typing import Any
 
 from tabserve_server.decisions.chain import ChainState, seal
 
-__all__ = ["ChainWriter", "FileSet", "Retention", "file_name", "last_line", "numbered_files"]
+__all__ = ["FILE_PATTERN", "ChainWriter", "FileSet", "Retention", "file_name", "last_line", "numbered_files"]
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-_FILE = re.compile(r"^decisions-(\d{8})\.jsonl$")
+FILE_PATTERN = re.compile(r"^decisions-(\d{8})\.jsonl$")
 _TAIL_CHUNK = 64 * 1024
 
 
@@ -41,7 +41,7 @@ def numbered_files(directory: Path) -> list[tuple[int, Path]]:
     """The set's files as (number, path), oldest first."""
     found = []
     for path in directory.iterdir():
-        match = _FILE.match(path.name)
+        match = FILE_PATTERN.match(path.name)
         if match:
             found.append((int(match[1]), path))
     return sorted(found)
