@@ -1,0 +1,158 @@
+"""Every environment variable and flag in deploy/'s containers is a real setting of that container's process (parsed
+through its settings class, values included), and every port the manifests name (probes, Services, PodMonitor,
+the monitor's view of the server) is the port of the setting that listens there."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tabserve_common.address import is_loopback, split_address
+from tabserve_common.settings import Settings, SettingsError
+from tabserve_monitor.settings import MonitorSettings
+from tabserve_server.settings import ServerSettings
+from tests.deploy_manifests import BASE, EXAMPLE, Manifest, containers, one, render
+
+PROGRAMS: dict[str, type[Settings]] = {"tabserve-server": ServerSettings, "tabserve-monitor": MonitorSettings}
+# Variables a container sets that are not tabserve settings, each with its reason.
+OTHER_VARIABLES = {"HOME": "MLflow reads its credentials file from ~/.mlflow/credentials (a mounted Secret)"}
+
+
+@pytest.fixture(scope="module", params=[BASE, EXAMPLE], ids=["base", "example"])
+def manifests(request: pytest.FixtureRequest) -> list[Manifest]:
+    return render(request.param)
+
+
+def environment(manifests: list[Manifest], container: Manifest) -> dict[str, str]:
+    """The container's variables: its ConfigMaps (envFrom), then its own `env` (which wins, as in Kubernetes)."""
+    config_maps = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, f"{container['name']}: only ConfigMaps hold settings: {source}"
+        env.update(config_maps[source["configMapRef"]["name"]]["data"])
+    for variable in container.get("env", []):
+        assert "valueFrom" not in variable, f"{variable['name']}: secrets come from mounted files"
+        env[variable["name"]] = variable["value"]
+    return env
+
+
+def loaded(manifests: list[Manifest], container: Manifest) -> Settings:
+    """The container's settings as its process would load them; fails on a name that is no setting."""
+    cls = PROGRAMS[container["command"][0]]
+    env = environment(manifests, container)
+    names = {cls.env_name(name) for name in cls.__dataclass_fields__}
+    unknown = sorted(set(env) - names - set(OTHER_VARIABLES))
+    assert not unknown, f"{container['name']}: not settings of {cls.program}: {unknown}"
+    argv = [*container["command"][1:], *container.get("args", [])]
+    # argparse would also take an abbreviation (--max-worker): a manifest spells every flag out.
+    flags = {"--" + name.replace("_", "-") for name in cls.__dataclass_fields__}
+    abbreviated = [a for a in argv if a.startswith("--") and a.split("=", 1)[0] not in flags]
+    assert not abbreviated, f"{container['name']}: not flags of {cls.program}: {abbreviated}"
+    return cls.load(argv=argv, environ=env)
+
+
+def port(address: str) -> int:
+    return split_address(address)[1]
+
+
+def settings_of(manifests: list[Manifest]) -> tuple[ServerSettings, MonitorSettings]:
+    by_name = containers(manifests)
+    server, monitor = loaded(manifests, by_name["server"]), loaded(manifests, by_name["monitor"])
+    assert isinstance(server, ServerSettings) and isinstance(monitor, MonitorSettings)
+    return server, monitor
+
+
+def test_every_variable_and_flag_is_a_setting(manifests: list[Manifest]) -> None:
+    server, monitor = settings_of(manifests)
+    assert server.tls and server.tls_client_ca_file and server.control_token_file
+    assert monitor.tls and monitor.tls_cert_file and monitor.control_token_file
+
+
+@pytest.mark.parametrize(
+    ("container", "variable", "value"),
+    [
+        ("server", "TABSERVE_SERVER_MAX_WORKER", "16"),  # a misspelt name
+        ("monitor", "TABSERVE_SERVER_WORKERS", "1"),  # the other process's setting
+        ("server", "TABSERVE_SERVER_WORKERS", "one"),  # a value the setting refuses
+        ("server", "TABSERVE_SERVER_CONTROL_TOKEN", "secret"),  # together with the token file
+    ],
+)
+def test_a_wrong_variable_fails(container: str, variable: str, value: str) -> None:
+    manifests = copy.deepcopy(render(BASE))
+    target = containers(manifests)[container]
+    target.setdefault("env", []).append({"name": variable, "value": value})
+    with pytest.raises((AssertionError, SettingsError)):
+        loaded(manifests, target)
+
+
+def test_a_wrong_flag_fails() -> None:
+    manifests = copy.deepcopy(render(BASE))
+    server = containers(manifests)["server"]
+    for args in (["--max-threads", "4"], ["--max-worker", "4"], ["--max-workers", "many"]):
+        server["args"] = args
+        with pytest.raises((AssertionError, SettingsError)):
+            loaded(manifests, server)
+    server["args"] = ["--control-token", "secret"]  # a secret on the command line is refused
+    with pytest.raises(SettingsError):
+        loaded(manifests, server)
+
+
+def _container_port(container: Manifest, name_or_number: Any) -> int:
+    if isinstance(name_or_number, int):
+        return name_or_number
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    assert name_or_number in ports, f"{container['name']} has no port named {name_or_number}"
+    return int(ports[name_or_number])
+
+
+def test_probes_use_the_ports_the_settings_listen_on(manifests: list[Manifest]) -> None:
+    server, monitor = settings_of(manifests)
+    by_name = containers(manifests)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert _container_port(by_name["server"], by_name["server"][probe]["grpc"]["port"]) == port(
+            server.health_address), probe
+    liveness = by_name["monitor"]["livenessProbe"]["httpGet"]
+    assert _container_port(by_name["monitor"], liveness["port"]) == port(monitor.metrics_address)
+    assert liveness["path"] == "/metrics"
+
+
+def test_named_ports_match_the_settings(manifests: list[Manifest]) -> None:
+    server, monitor = settings_of(manifests)
+    by_name = containers(manifests)
+    assert _container_port(by_name["server"], "grpc") == port(server.address)
+    assert _container_port(by_name["server"], "health") == port(server.health_address)
+    assert _container_port(by_name["server"], "metrics") == port(server.metrics_address)
+    assert _container_port(by_name["monitor"], "monitor-metrics") == port(monitor.metrics_address)
+    for service in (m for m in manifests if m["kind"] == "Service"):
+        for service_port in service["spec"]["ports"]:
+            assert _container_port(by_name["server"], service_port["targetPort"]) == port(server.address)
+    pod_ports = {p["name"] for c in by_name.values() for p in c.get("ports", [])}
+    endpoints = one(manifests, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    scraped = {e["port"] for e in endpoints}
+    assert scraped == {"metrics", "monitor-metrics"} and scraped <= pod_ports
+
+
+def test_the_monitor_reaches_its_server_on_loopback(manifests: list[Manifest]) -> None:
+    server, monitor = settings_of(manifests)
+    assert monitor.control_address == server.control_address
+    assert is_loopback(split_address(server.control_address)[0])
+    assert port(monitor.public_address) == port(server.address)
+    assert is_loopback(split_address(monitor.public_address)[0])
+    assert monitor.control_token_file == server.control_token_file
+    # The image's contract (PROTOCOL/Containerfile): these ports and paths.
+    assert [port(a) for a in (server.address, server.health_address, server.control_address)] == [50051, 50052, 50053]
+    assert (port(server.metrics_address), port(monitor.metrics_address)) == (9100, 9101)
+    assert server.cache_dir == "/var/cache/tabserve"
+
+
+def test_every_mounted_file_a_setting_names_is_on_a_volume(manifests: list[Manifest]) -> None:
+    server, monitor = settings_of(manifests)
+    by_name = containers(manifests)
+    for name, settings in (("server", server), ("monitor", monitor)):
+        mounts = [m["mountPath"] for m in by_name[name]["volumeMounts"]]
+        for field in settings.__dataclass_fields__:
+            value = getattr(settings, field)
+            if field.endswith("_file") and value:
+                assert any(value.startswith(mount + "/") for mount in mounts), f"{name}: {field}={value}"
