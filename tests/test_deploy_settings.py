@@ -13,7 +13,7 @@ from tabserve_common.address import is_loopback, split_address
 from tabserve_common.settings import Settings, SettingsError
 from tabserve_monitor.settings import MonitorSettings
 from tabserve_server.settings import ServerSettings
-from tests.deploy_manifests import BASE, EXAMPLE, Manifest, containers, one, render
+from tests.deploy_manifests import BASE, EXAMPLE, Manifest, containers, one, pod_spec, render
 
 PROGRAMS: dict[str, type[Settings]] = {"tabserve-server": ServerSettings, "tabserve-monitor": MonitorSettings}
 # Variables a container sets that are not tabserve settings, each with its reason.
@@ -156,3 +156,21 @@ def test_every_mounted_file_a_setting_names_is_on_a_volume(manifests: list[Manif
             value = getattr(settings, field)
             if field.endswith("_file") and value:
                 assert any(value.startswith(mount + "/") for mount in mounts), f"{name}: {field}={value}"
+
+
+def _quantity_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def test_every_directory_a_setting_writes_is_a_writable_volume(manifests: list[Manifest]) -> None:
+    # The root filesystem is read-only: a directory outside a volume fails at the first write.
+    server, _ = settings_of(manifests)
+    mounts = {m["mountPath"]: m for m in containers(manifests)["server"]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
+    for field in ("cache_dir", "decision_log_dir"):
+        mount = mounts.get(getattr(server, field))
+        assert mount is not None and not mount.get("readOnly"), f"{field}={getattr(server, field)}"
+    # The decision log's retention keeps its files under the volume's limit (past it the kubelet evicts the pod).
+    size_limit = volumes[mounts[server.decision_log_dir]["name"]]["emptyDir"]["sizeLimit"]
+    assert 0 < server.decision_log_retention_bytes < _quantity_bytes(size_limit)
