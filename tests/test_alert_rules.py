@@ -67,6 +67,7 @@ def test_expected_alerts_exist() -> None:
         "TabserveHighLatency",
         "TabserveShedding",
         "TabserveTargetAmbiguous",
+        "TabserveDecisionRecordsDropped",
     }
 
 
