@@ -1,6 +1,7 @@
 """The scoring client's retries (tabserve_client/retry.py) against a scripted server: pushback honoured, one
 x-request-id per logical call, retries until the call's own deadline, the last status raised, no retry of others;
-the CLI's words for overload, and the monitor's canary shed with one attempt and counted as `shed`."""
+the CLI's words for overload, the monitor's canary shed with one attempt and counted as `shed`, and health checks
+made once (an unreachable server answers at once)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import RetryPolicy, ScoringClient, ScoringError, cli
+from tabserve_demo.processes import free_port
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.settings import MonitorSettings
@@ -132,3 +134,17 @@ def test_the_monitor_canary_is_shed_like_any_caller_and_says_so(scripted: tuple[
     assert (canary("success"), canary("shed"), canary("failure")) == (1.0, 1.0, 0.0)
     assert len(servicer.seen) == 2  # one attempt each: the canary does not retry
     assert registry.get_sample_value("tabserve_monitor_canary_up") == 0.0
+
+
+def test_a_health_check_is_one_attempt_and_an_unreachable_server_answers_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    target = f"127.0.0.1:{free_port()}"  # nothing listens: every attempt is UNAVAILABLE (connection refused)
+    started = time.monotonic()
+    with ScoringClient(target, timeout=5.0) as client, pytest.raises(ScoringError) as caught:
+        client.health()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 2.5  # retried, it would take the whole 5 s timeout
+    started = time.monotonic()
+    assert cli.main(["health", "--target", target, "--timeout", "5"]) == cli.EXIT_FAILED
+    assert time.monotonic() - started < 2.5 and "UNAVAILABLE" in capsys.readouterr().err

@@ -25,6 +25,7 @@ _SERVICE_CONFIG: dict[str, Any] = {}
 # every address the target resolves to, calls spread over those that are up: for a `dns:///` target naming
 # a Kubernetes headless Service, whose DNS answer lists every ready pod.
 LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
+_ONE_ATTEMPT = RetryPolicy(max_attempts=1)
 
 
 def _service_config(load_balancing: str) -> str:
@@ -149,10 +150,10 @@ class ScoringClient(ChannelClient):
         channel: an existing channel to use instead of creating one (not closed by ``close()``); the connection
             arguments above are then ignored.
 
-    Every call is retried on ``UNAVAILABLE`` (server overloaded, no model loaded yet, shutting down, connection
-    refused) until its own deadline: after the server's pushback when it sent one, else a jittered exponential
-    back-off (``retry``, a `RetryPolicy`), with one ``x-request-id`` on every attempt; when the deadline leaves no
-    room for another attempt, the last error is raised. Safe because scoring is idempotent (a call changes
+    Every call but ``health`` is retried on ``UNAVAILABLE`` (server overloaded, no model loaded yet, shutting down,
+    connection refused) until its own deadline: after the server's pushback when it sent one, else a jittered
+    exponential back-off (``retry``, a `RetryPolicy`), with one ``x-request-id`` on every attempt; when the deadline
+    leaves no room for another attempt, the last error is raised. Safe because scoring is idempotent (a call changes
     nothing on the server).
     """
 
@@ -269,8 +270,13 @@ class ScoringClient(ChannelClient):
         return self._feature_names
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """grpc.health.v1 status of `service` ('' is the whole server): SERVING, NOT_SERVING, ..."""
-        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        """grpc.health.v1 status of `service` ('' is the whole server): SERVING, NOT_SERVING, ...
+
+        One attempt, never retried: a health check reports the state now, so a server that cannot be reached
+        (refused connection, failed TLS handshake, shutting down) is a ScoringError (UNAVAILABLE) at once, not
+        after the timeout. The server never refuses health checks for load."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._call(self._health.Check, request, timeout, _ONE_ATTEMPT)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def health_services(self, *, timeout: float | None = None) -> tuple[str, ...]:
@@ -314,8 +320,10 @@ class ScoringClient(ChannelClient):
         for row in rows:
             request.named.rows.add().features.update({str(k): float(v) for k, v in row.items()})
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float | None, retry: RetryPolicy | None = None) -> Any:
         try:
-            return call_with_retries(method, request, self.timeout if timeout is None else timeout, self.retry)
+            return call_with_retries(
+                method, request, self.timeout if timeout is None else timeout, retry or self.retry
+            )
         except grpc.RpcError as exc:
             raise ScoringError(exc.code(), exc.details() or "") from None

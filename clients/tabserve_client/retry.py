@@ -2,8 +2,9 @@
 until the call's own deadline, waiting the server's pushback (gRFC A6 `grpc-retry-pushback-ms`) or a jittered
 exponential back-off, with one `x-request-id` on every attempt of one logical call.
 
-Retrying is safe because scoring is idempotent: a Score (or GetModelInfo, health) call changes nothing on the
-server, so a call the server did run and whose answer was lost costs only the work. gRPC's own service-config
+Retrying is safe because scoring is idempotent: a Score (or GetModelInfo) call changes nothing on the server, so
+a call the server did run and whose answer was lost costs only the work. Health checks make one attempt
+(`max_attempts=1`): they report the state now. gRPC's own service-config
 retries stop at 5 attempts, too few for a burst that outlasts them, so the library loops itself.
 """
 
