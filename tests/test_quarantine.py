@@ -7,10 +7,14 @@ cells of one mode (single process, workers=2); callers score throughout each cel
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -29,6 +33,7 @@ from tests.corrupt import FAULTS, corrupted_copy
 from tests.support import MODEL_NAME, Server, server_settings, wait_for
 
 DIGEST_CHECK = "digest-check"
+LOAD_TIMEOUT = 10.0  # the shared servers' load_timeout_seconds: far above a verification, short for the hang test
 
 # What the status says for each fault: a crash of the parser in words, or the parser's own refusal.
 EXPECTED = {
@@ -76,7 +81,8 @@ def server(request: pytest.FixtureRequest, tracking_uri: str, tmp_path_factory: 
            ) -> Iterator[Server]:
     """A server serving version 1 from the registry; its cache then holds version 1."""
     cache = tmp_path_factory.mktemp(f"quarantine-cache-{request.param}")
-    serving = Server(server_settings(tracking_uri, cache, workers=request.param))
+    serving = Server(server_settings(tracking_uri, cache, workers=request.param,
+                                     load_timeout_seconds=LOAD_TIMEOUT))
     try:
         serving.settle_on("1", timeout=120)
         yield serving
@@ -164,6 +170,66 @@ def test_a_version_that_crashed_its_verifier_is_retried_no_faster_than_the_back_
     server.settle_on("1")
 
 
+def test_a_verifier_killed_mid_load_is_a_failed_load_retried_after_its_back_off(
+    server: Server, faults: dict[str, Path]
+) -> None:
+    """The first three verifiers of a good version (each worker's) die by SIGKILL; the fourth attempt serves it."""
+    crashes = server.metric("tabserve_server_model_load_failures_total", reason="crash") or 0.0
+    logged = server.process.stderr().count("crashed with signal 9")
+    pid, version = server.process.pid, "good-killed"
+    callers = Callers(server.target)
+    try:
+        server.control.set_aspired(aspired_version(str(faults["good"]), name=MODEL_NAME, version=version))
+        kills = _signal_verifiers(_serving_processes(server), per_parent=3, sig=signal.SIGKILL, timeout=60)
+        status = wait_for(lambda: (s := server.status()).last_error and s, timeout=10, what="the failure")
+        assert "crashed with signal 9 (SIGKILL, perhaps out of memory) while loading" in status.last_error
+        assert status.serving.version == "1"
+        wait_for(lambda: server.settled_on(version), timeout=60, what="the retry after the kills served")
+    finally:
+        callers.stop()
+    assert server.process.proc.poll() is None and server.process.pid == pid
+    assert callers.calls > 0 and callers.failures == 0
+    assert server.metric("tabserve_server_model_load_failures_total", reason="crash") == crashes + len(kills)
+    assert server.process.stderr().count("crashed with signal 9") - logged == len(kills)
+    for parent in {k.parent for k in kills}:
+        mine = [k for k in kills if k.parent == parent]
+        for attempt, (killed, retried) in enumerate(itertools.pairwise(mine), start=1):
+            back_off = min(1.0, 0.2 * 2 ** (attempt - 1))  # retry_* of tests/support.py
+            assert retried.started - killed.signalled >= back_off - 0.02, (  # the kernel's start time: 10 ms ticks
+                f"attempt {attempt + 1} started {retried.started - killed.signalled:.3f} s after the kill")
+    server.settle_on("1")
+
+
+def test_a_verifier_that_hangs_past_load_timeout_seconds_is_killed_and_the_old_version_keeps_serving(
+    server: Server, faults: dict[str, Path]
+) -> None:
+    """SIGSTOP makes the verifier hang as a process stuck on a dead disk would: alive, doing nothing."""
+    timeouts = server.metric("tabserve_server_model_load_failures_total", reason="timeout") or 0.0
+    version = "good-hung"
+    callers = Callers(server.target)
+    stopped: list[Signalled] = []
+    try:
+        server.control.set_aspired(aspired_version(str(faults["good"]), name=MODEL_NAME, version=version))
+        stopped += _signal_verifiers(_serving_processes(server), per_parent=1, sig=signal.SIGSTOP, timeout=60)
+        status = wait_for(lambda: "ran past load_timeout_seconds" in (s := server.status()).last_error and s,
+                          timeout=LOAD_TIMEOUT + 30, interval=0.1, what="the hung verifier killed")
+        failed_after = time.clock_gettime(time.CLOCK_BOOTTIME) - stopped[0].started
+        assert f"ran past load_timeout_seconds ({LOAD_TIMEOUT:g} s) while loading" in status.last_error
+        assert status.serving.version == "1"
+        assert failed_after >= LOAD_TIMEOUT - 0.5, "the verifier was given less than its time limit"
+        wait_for(lambda: not any(Path(f"/proc/{k.pid}").exists() for k in stopped), timeout=10,
+                 what="the hung verifiers gone")
+        wait_for(lambda: server.settled_on(version), timeout=60, what="the retry served")
+    finally:
+        callers.stop()
+        for hung in stopped:  # when the server failed to: a stopped verifier may not have armed its death signal
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung.pid, signal.SIGKILL)
+    assert callers.calls > 0 and callers.failures == 0
+    assert server.metric("tabserve_server_model_load_failures_total", reason="timeout") == timeouts + len(stopped)
+    server.settle_on("1")
+
+
 @pytest.mark.parametrize("fault", FAULTS)
 def test_start_up_on_a_bad_version_serves_the_cached_one(
     server: Server, faults: dict[str, Path], fault: str
@@ -224,18 +290,62 @@ def test_a_model_file_over_max_model_bytes_is_refused_unread(faults: dict[str, P
         verify(faults["good"], "good", VerifyLimits(60, 100_000, False))
 
 
-def _verifiers() -> list[int]:
-    """Pids of this process's verifier children."""
-    found = []
+def _verifiers(parents: set[int] | None = None) -> list[int]:
+    """Pids of the verifier processes started by `parents` (default: this process)."""
+    parents = parents or {os.getpid()}
+    return [pid for pid, (parent, command) in _processes().items()
+            if parent in parents and b"tabserve_server.core.verify" in command]
+
+
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """Every process: pid -> (parent pid, command line)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if parent != os.getpid():
-                continue
-            if b"tabserve_server.core.verify" in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
+            found[int(entry.name)] = (parent, (entry / "cmdline").read_bytes())
         except OSError:
             continue
     return found
+
+
+def _started(pid: int) -> float:
+    """When `pid` started, in CLOCK_BOOTTIME seconds (the kernel's start time, to its clock tick)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Signalled:
+    pid: int
+    parent: int  # the serving process that started it (a worker, with workers=2)
+    started: float  # CLOCK_BOOTTIME seconds, as the kernel recorded its start
+    signalled: float  # CLOCK_BOOTTIME seconds
+
+
+def _serving_processes(server: Server) -> set[int]:
+    """The processes that load models: the server itself, or each worker of a supervisor."""
+    return {w.pid for w in server.status().workers} or {server.process.pid}
+
+
+def _signal_verifiers(parents: set[int], *, per_parent: int, sig: int, timeout: float) -> list[Signalled]:
+    """Signal the first `per_parent` verifiers each of `parents` starts, each as soon as it is seen."""
+    done: list[Signalled] = []
+    deadline = time.monotonic() + timeout
+    while len(done) < per_parent * len(parents):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"saw {len(done)} verifiers in {timeout} s, expected {per_parent} per process")
+        for pid, (parent, command) in _processes().items():
+            if (parent not in parents or b"tabserve_server.core.verify" not in command
+                    or any(d.pid == pid for d in done) or sum(d.parent == parent for d in done) >= per_parent):
+                continue
+            try:
+                started = _started(pid)
+                os.kill(pid, sig)
+            except (OSError, IndexError):
+                continue  # finished before the signal: not counted
+            done.append(Signalled(pid, parent, started, time.clock_gettime(time.CLOCK_BOOTTIME)))
+        time.sleep(0.005)
+    return done
