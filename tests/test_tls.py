@@ -155,7 +155,7 @@ def test_allowed_caller_scores_and_the_data_plane_knows_who_asked(
 
     monkeypatch.setattr(mtls_app.dataplane, "score", spy)
     assert score(f"127.0.0.1:{mtls_app.public_port}", pki.client(pki.allowed)) == "1"
-    assert seen == [RequestContext(caller=ALLOWED)]
+    assert [s.caller for s in seen] == [ALLOWED] and seen[0].request_id and seen[0].peer.startswith("ipv")
     registry = mtls_app.metrics.registry
     assert registry.get_sample_value("tabserve_server_caller_requests_total", {"caller": ALLOWED}) == 1
 

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client.channel import ChannelClient, Keepalive, TlsOptions, open_channel
-from tabserve_client.retry import RetryPolicy, call_with_retries
+from tabserve_client.retry import RetryPolicy, call_with_retries, new_request_id
 
 SCORING_SERVICE = "tabserve.scoring.v1.Scoring"
 OVERLOADED = "server overloaded"  # how the server's refusals for load begin
@@ -76,6 +76,9 @@ class ScoreBatch:
     # With score(explain=True): row index -> its reasons, strongest first, for every explained row.
     reasons: Mapping[int, tuple[Reason, ...]] = field(default_factory=dict)
     expected_value: float | None = None  # margin space; with explain=True only
+    # The call's x-request-id (the same on every attempt): how the server's log lines and its decision record
+    # of this call are found.
+    request_id: str = ""
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -204,7 +207,8 @@ class ScoringClient(ChannelClient):
             self._fill(request, rows)
         except (TypeError, ValueError) as exc:  # bad input found before sending: same contract as the server
             raise ScoringError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot encode rows: {exc}") from None
-        response = self._call(self._stub.Score, request, timeout)
+        request_id = new_request_id()
+        response = self._call(self._stub.Score, request, timeout, request_id=request_id)
         if self._feature_names is not None and response.model_version != self._feature_version:
             self._feature_names = None  # a new version may order its features differently
         return ScoreBatch(
@@ -218,6 +222,7 @@ class ScoringClient(ChannelClient):
                 for e in response.explanations
             },
             expected_value=response.expected_value if explain else None,
+            request_id=request_id,
         )
 
     def _fill(self, request: Any, rows: Rows) -> None:
@@ -320,10 +325,12 @@ class ScoringClient(ChannelClient):
         for row in rows:
             request.named.rows.add().features.update({str(k): float(v) for k, v in row.items()})
 
-    def _call(self, method: Any, request: Any, timeout: float | None, retry: RetryPolicy | None = None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float | None, retry: RetryPolicy | None = None,
+              request_id: str = "") -> Any:
         try:
             return call_with_retries(
-                method, request, self.timeout if timeout is None else timeout, retry or self.retry
+                method, request, self.timeout if timeout is None else timeout, retry or self.retry,
+                request_id=request_id,
             )
         except grpc.RpcError as exc:
             raise ScoringError(exc.code(), exc.details() or "") from None

@@ -53,14 +53,19 @@ def pushback_ms(error: grpc.RpcError) -> int | None:
     return None
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
 def call_with_retries(
     method: Callable[..., Any], request: Any, timeout: float, policy: RetryPolicy, *,
-    rng: random.Random | None = None, sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None, sleep: Callable[[float], None] = time.sleep, request_id: str = "",
 ) -> Any:
-    """`method(request)` retried on UNAVAILABLE until `timeout` seconds from now; the last error is raised."""
+    """`method(request)` retried on UNAVAILABLE until `timeout` seconds from now; the last error is raised.
+    Every attempt carries `request_id` (a new one when empty) as `x-request-id`."""
     rng = rng or random.Random()
     deadline = time.monotonic() + timeout
-    metadata = ((REQUEST_ID_KEY, uuid.uuid4().hex),)
+    metadata = ((REQUEST_ID_KEY, request_id or new_request_id()),)
     attempt = 0
     while True:
         try:

@@ -11,15 +11,14 @@ from collections.abc import Sequence
 
 from tabserve_common.address import unavailable_address
 from tabserve_server.app import ServingApp
+from tabserve_server.logs import configure_logging
 from tabserve_server.settings import ServerSettings
 from tabserve_server.supervisor import Supervisor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = ServerSettings.load_or_exit(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings.log_level)
     # A busy port is one clear line before anything starts (gRPC's own bind failure is a C++ log line).
     listeners = [settings.address, settings.control_address, settings.metrics_address, settings.health_address]
     problem = unavailable_address(a for a in listeners if a)

@@ -35,6 +35,10 @@ class DeadlineExceeded(ServingError):
     """The caller's deadline passed before the work could finish."""
 
 
+class DecisionNotRecorded(ServingError):
+    """Required decision log: the call's record could not be written, so its decision is not given (retry later)."""
+
+
 class ModelLoadError(Exception):
     """A model version could not be resolved, downloaded, loaded or validated (never served).
 

@@ -4,6 +4,10 @@ A transport decodes its request into a `RowBatch` and calls `score()`; everythin
 validation, limits, prediction, threshold, reasons for the explained rows) happens here, on the one model
 version captured at the start.
 
+Every answered call is handed to the `record` hook (the decision log, decisions/record.py) with its request,
+its validated rows and its result, after the result is complete and before the transport answers: a hook that
+raises (required mode, the record could not be written) fails the call instead.
+
 Limits: a request weighs its rows plus EXPLAIN_ROW_COST per explained row against max_rows (exact TreeSHAP
 costs about 70 predictions a row). Explaining every row is weighed before predicting; explaining adverse rows
 only, once the decisions say how many there are.
@@ -67,9 +71,13 @@ class RequestContext:
 
     `caller`: the calling service's identity, its client certificate's first subject alternative name under
     mutual TLS ('' when unknown). For logs, and for the per-caller records and limits built on the data plane.
+    `peer`: the caller's address as gRPC reports it (`ipv4:127.0.0.1:40212`). `request_id`: the call's request
+    id (transport/request_id.py).
     """
 
     caller: str = ""
+    peer: str = ""
+    request_id: str = ""
 
 
 UNKNOWN_CALLER = RequestContext()
@@ -95,15 +103,30 @@ class ScoreResult:
         return self.model.threshold
 
 
+def explain_chosen(model: LoadedModel, matrix: FloatMatrix, chosen: Sequence[int], top_k: int) -> Explanations:
+    """The reasons of rows `chosen` of `matrix` (a LightGBM model's), and the expected value."""
+    explainer: Explainer = model.predictor  # type: ignore[assignment]
+    # Rows not explained still give the expected value, from the one row computed for it.
+    contributions = explainer.contributions(matrix[list(chosen)] if chosen else matrix[:1])
+    explained = explain_rows(
+        chosen, matrix, contributions[:, :-1], names=model.schema.names, table=model.reasons,
+        adverse_positive=model.adverse_positive, top_k=top_k,
+    ) if chosen else []
+    return Explanations(float(contributions[0, -1]), explained)
+
+
 ScoreObserver = Callable[[np.ndarray], None]
+# The decision log's hook: (request, validated rows, result, explain options asked) of every answered call.
+DecisionRecorder = Callable[[RequestContext, FloatMatrix, ScoreResult, ExplainOptions | None], None]
 
 
 class DataPlane:
     def __init__(
         self, manager: ModelManager, max_rows: int, observe_scores: ScoreObserver | None = None,
-        explain_row_cost: int = EXPLAIN_ROW_COST,
+        explain_row_cost: int = EXPLAIN_ROW_COST, record: DecisionRecorder | None = None,
     ) -> None:
         self._manager = manager
+        self._record = record
         self._max_rows = max_rows
         self._observe = observe_scores
         self._explain_row_cost = explain_row_cost
@@ -132,27 +155,21 @@ class DataPlane:
         self._check_cost(rows, rows if explain is not None and explain.all_rows else 0)
         matrix = batch.to_matrix(model)
         result = self.predict(model, matrix)
-        if explain is None:
-            return result
-        return ScoreResult(model, result.scores, result.decisions, self.explain(model, matrix, result, explain))
+        if explain is not None:
+            result = ScoreResult(model, result.scores, result.decisions, self.explain(model, matrix, result, explain))
+        if self._record is not None:
+            self._record(request, matrix, result, explain)
+        return result
 
     def explain(self, model: LoadedModel, matrix: FloatMatrix, result: ScoreResult, options: ExplainOptions
                 ) -> Explanations:
         """Exact TreeSHAP reasons for the rows `options` asks for (core/reasons.py says which and in what order)."""
-        predictor = model.predictor
-        if not hasattr(predictor, "contributions"):
+        if not hasattr(model.predictor, "contributions"):
             raise InvalidInput(f"explanations need a LightGBM model; {model.name} version {model.version} "
                                f"is served through {model.flavor}")
         chosen = rows_to_explain(result.decisions, model.adverse_positive, options.all_rows)
         self._check_cost(len(result.scores), len(chosen))
-        explainer: Explainer = predictor  # type: ignore[assignment]
-        # Rows not explained still give the expected value, from the one row computed for it.
-        contributions = explainer.contributions(matrix[chosen] if chosen else matrix[:1])
-        explained = explain_rows(
-            chosen, matrix, contributions[:, :-1], names=model.schema.names, table=model.reasons,
-            adverse_positive=model.adverse_positive, top_k=options.top_k,
-        ) if chosen else []
-        return Explanations(float(contributions[0, -1]), explained)
+        return explain_chosen(model, matrix, chosen, options.top_k)
 
     def _check_cost(self, rows: int, explained: int) -> None:
         cost = request_cost(rows, explained, self._explain_row_cost)

@@ -36,9 +36,19 @@ class AspiredVersion:
     model_uri: str
 
 
+# The prediction backends, as decision records name them (decisions/record.py) and replay re-runs them.
+BACKEND_LIGHTGBM_SINGLE_ROW = "lightgbm-single-row"  # lgbm_fast: LightGBM's single-row fast API
+BACKEND_LIGHTGBM_BATCH = "lightgbm-batch"  # Booster.predict
+BACKEND_PYFUNC = "pyfunc"
+
+
 class Predictor(Protocol):
     def predict(self, matrix: FloatMatrix) -> np.ndarray:
         """Probability of the positive class, one float64 per row."""
+        ...
+
+    def backend(self, rows: int) -> str:
+        """The backend `predict` uses for `rows` rows (one of the BACKEND_* names)."""
         ...
 
 
@@ -64,10 +74,17 @@ class LightGBMPredictor:
     def predict(self, matrix: FloatMatrix) -> np.ndarray:
         if matrix.shape[0] == 1 and self.fast is not None:
             return np.array([self.fast.predict_one(np.ascontiguousarray(matrix[0]))])
+        return self.predict_batch(matrix)
+
+    def predict_batch(self, matrix: FloatMatrix) -> np.ndarray:
+        """Through `Booster.predict`, whatever the row count."""
         # One row gains nothing from OpenMP threads and pays their start-up; batches use the configured count.
         threads = 1 if matrix.shape[0] == 1 else self._batch_threads
         scores = self.booster.predict(matrix, num_threads=threads)
         return np.asarray(scores, dtype=np.float64).reshape(-1)
+
+    def backend(self, rows: int) -> str:
+        return BACKEND_LIGHTGBM_SINGLE_ROW if rows == 1 and self.fast is not None else BACKEND_LIGHTGBM_BATCH
 
     def contributions(self, matrix: FloatMatrix) -> np.ndarray:
         """LightGBM's exact TreeSHAP (`pred_contrib`), in margin space."""
@@ -90,6 +107,9 @@ class PyfuncPredictor:
         if output.ndim == 2:
             output = output[:, -1]  # probabilities per class: keep the positive class
         return output.reshape(-1)
+
+    def backend(self, rows: int) -> str:
+        return BACKEND_PYFUNC
 
 
 @dataclass(frozen=True)

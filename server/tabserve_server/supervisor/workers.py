@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tabserve_client.control import ControlClient
 from tabserve_server.app import ServingApp
+from tabserve_server.logs import configure_logging
 from tabserve_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,7 @@ def restart_delay(quick_deaths: int) -> float:
 def run_worker(settings: ServerSettings, index: int, conn: Connection) -> None:
     """Entry point of one worker process: a supervised ServingApp; sends its ports, serves until SIGTERM."""
     os.dup2(2, 1)  # stdout belongs to the supervisor's 'listening' line
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, f"worker-{index}")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

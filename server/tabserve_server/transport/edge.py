@@ -1,5 +1,5 @@
-"""The edge every RPC passes through: drain check, admission control, caller allow-list, error mapping (one
-table), metrics.
+"""The edge every RPC passes through: request id, drain check, admission control, caller allow-list, error mapping
+(one table), metrics.
 
 Servicers only translate messages and raise the core's errors; this interceptor turns them into
 status codes, logs unexpected ones with their traceback as INTERNAL, and records the call. A call refused for
@@ -21,6 +21,7 @@ from tabserve_server.metrics import ServerMetrics
 from tabserve_server.transport.admission import Admission, Refusal
 from tabserve_server.transport.errors import status_of
 from tabserve_server.transport.identity import CallerPolicy, caller_identity
+from tabserve_server.transport.request_id import begin_call, end_call
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,11 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _refuser(self, method: str, refusal: Refusal) -> Callable[..., Any]:
         def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-            self._refuse(method, refusal, context, 0.0)
+            token = begin_call(context)
+            try:
+                self._refuse(method, refusal, context, 0.0)
+            finally:
+                end_call(token)
 
         return refuse
 
@@ -127,6 +132,13 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         identify = self._identify or policy is not None  # the identity is read once per call, for both uses
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            token = begin_call(context)
+            try:
+                return handle(request, context)
+            finally:
+                end_call(token)
+
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             if accepting is not None and not accepting():
                 self._count(method, "UNAVAILABLE", 0.0)

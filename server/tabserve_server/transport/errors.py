@@ -14,6 +14,7 @@ STATUS_OF: dict[type[errors.ServingError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.DecisionNotRecorded: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -14,6 +14,7 @@ import grpc
 
 from tabserve_server.core.dataplane import RequestContext
 from tabserve_server.errors import PermissionDenied
+from tabserve_server.transport.request_id import call_request_id
 
 _SAN = "x509_subject_alternative_name"
 
@@ -25,7 +26,8 @@ def caller_identity(context: grpc.ServicerContext) -> str:
 
 
 def request_context(context: grpc.ServicerContext) -> RequestContext:
-    return RequestContext(caller=caller_identity(context))
+    """Who is calling and the call's request id (set by the Edge), for the data plane."""
+    return RequestContext(caller=caller_identity(context), peer=context.peer(), request_id=call_request_id())
 
 
 class CallerPolicy:
