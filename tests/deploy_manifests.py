@@ -37,6 +37,13 @@ def one(manifests: list[Manifest], kind: str) -> Manifest:
     return found[0]
 
 
+def by_name(manifests: list[Manifest], kind: str, name: str) -> Manifest:
+    """The object of `kind` called `name`."""
+    found = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
 def named(manifests: list[Manifest], kind: str, name_prefix: str) -> Manifest:
     """The object of `kind` whose name starts with `name_prefix` (generated ConfigMaps carry a hash suffix)."""
     found = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"].startswith(name_prefix)]

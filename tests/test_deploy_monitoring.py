@@ -19,7 +19,7 @@ from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 from prometheus_client import CollectorRegistry
 
 from tabserve_server.metrics import ServerMetrics
-from tests.deploy_manifests import BASE, EXAMPLE, Manifest, containers, named, one, pod_spec, render
+from tests.deploy_manifests import BASE, EXAMPLE, Manifest, by_name, containers, named, one, pod_spec, render
 from tests.support import required_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +28,7 @@ MODELS: dict[str, type[Any]] = {
     "PodMonitor": prometheus_operator.PodMonitor,
     "PrometheusRule": prometheus_operator.PrometheusRule,
     "Certificate": cert_manager.Certificate,
+    "Issuer": cert_manager.Issuer,
 }
 
 
@@ -57,19 +58,22 @@ def test_custom_resources_match_their_crds(base: list[Manifest], example: list[M
 
 
 @pytest.mark.parametrize(
-    ("kind", "path", "value"),
+    ("kind", "name", "path", "value"),
     [
-        ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "interval"], "15 seconds"),
-        ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "relabelings", 0, "action"], "set"),
-        ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "scrapePort"], "metrics"),
-        ("PrometheusRule", ["spec", "groups", 0, "rules", 0, "for"], "2 minutes"),
-        ("Certificate", ["spec", "privateKey", "algorithm"], "DSA"),
-        ("Certificate", ["spec", "usages", 0], "serverauth"),
-        ("Certificate", ["spec", "secretNam"], "tabserve-tls"),
+        ("PodMonitor", "tabserve", ["spec", "podMetricsEndpoints", 0, "interval"], "15 seconds"),
+        ("PodMonitor", "tabserve", ["spec", "podMetricsEndpoints", 0, "relabelings", 0, "action"], "set"),
+        ("PodMonitor", "tabserve", ["spec", "podMetricsEndpoints", 0, "scrapePort"], "metrics"),
+        ("PrometheusRule", "tabserve", ["spec", "groups", 0, "rules", 0, "for"], "2 minutes"),
+        ("Certificate", "tabserve", ["spec", "privateKey", "algorithm"], "DSA"),
+        ("Certificate", "tabserve", ["spec", "usages", 0], "serverauth"),
+        ("Certificate", "tabserve", ["spec", "secretNam"], "tabserve-tls"),
+        ("Issuer", "tabserve-ca", ["spec", "ca"], {"secret": "tabserve-ca"}),
     ],
 )
-def test_a_custom_resource_off_its_crd_fails(example: list[Manifest], kind: str, path: list[Any], value: Any) -> None:
-    manifest = copy.deepcopy(one(example, kind))
+def test_a_custom_resource_off_its_crd_fails(
+    example: list[Manifest], kind: str, name: str, path: list[Any], value: Any
+) -> None:
+    manifest = copy.deepcopy(by_name(example, kind, name))
     node = manifest
     for key in path[:-1]:
         node = node[key]
@@ -101,7 +105,7 @@ def test_scrape_jobs_are_the_jobs_the_rules_name(base: list[Manifest]) -> None:
 
 
 def test_certificate_is_the_mounted_secret_for_the_names_in_use(example: list[Manifest]) -> None:
-    certificate = one(example, "Certificate")["spec"]
+    certificate = by_name(example, "Certificate", "tabserve")["spec"]
     volumes = {v["name"]: v for v in pod_spec(example)["volumes"]}
     assert certificate["secretName"] == volumes["tls"]["secret"]["secretName"]
     assert {"server auth", "client auth"} <= set(certificate["usages"])  # the monitor's canary is a mTLS client
@@ -111,6 +115,10 @@ def test_certificate_is_the_mounted_secret_for_the_names_in_use(example: list[Ma
         assert f"{service['metadata']['name']}.{namespace}.svc" in names, service["metadata"]["name"]
     monitor_env = named(example, "ConfigMap", "tabserve-monitor")["data"]
     assert monitor_env["TABSERVE_MONITOR_TLS_SERVER_NAME"] in names
+    # A CA issuer puts ca.crt in the Secret: the server's client CA and the monitor's trust root.
+    assert "ca" in by_name(example, "Issuer", certificate["issuerRef"]["name"])["spec"]
+    client = by_name(example, "Certificate", "tabserve-first-client")["spec"]
+    assert client["issuerRef"] == certificate["issuerRef"] and "client auth" in client["usages"]
 
 
 def test_autoscaler_metric_is_a_server_gauge(base: list[Manifest]) -> None:

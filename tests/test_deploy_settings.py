@@ -174,3 +174,13 @@ def test_every_directory_a_setting_writes_is_a_writable_volume(manifests: list[M
     # The decision log's retention keeps its files under the volume's limit (past it the kubelet evicts the pod).
     size_limit = volumes[mounts[server.decision_log_dir]["name"]]["emptyDir"]["sizeLimit"]
     assert 0 < server.decision_log_retention_bytes < _quantity_bytes(size_limit)
+
+
+def test_network_policy_opens_the_ports_the_settings_listen_on(manifests: list[Manifest]) -> None:
+    server, monitor = settings_of(manifests)
+    ingress = one(manifests, "NetworkPolicy")["spec"]["ingress"]
+    opened = {p["port"] for rule in ingress for p in rule["ports"]}
+    assert opened == {port(server.address), port(server.metrics_address), port(monitor.metrics_address)}
+    # Only the public port is open to every pod; the metrics ports to Prometheus's namespace.
+    (everyone,) = [rule for rule in ingress if "from" not in rule]
+    assert [p["port"] for p in everyone["ports"]] == [port(server.address)]
