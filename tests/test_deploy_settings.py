@@ -10,51 +10,15 @@ from typing import Any
 import pytest
 
 from tabserve_common.address import is_loopback, split_address
-from tabserve_common.settings import Settings, SettingsError
+from tabserve_common.settings import SettingsError
 from tabserve_monitor.settings import MonitorSettings
 from tabserve_server.settings import ServerSettings
-from tests.deploy_manifests import BASE, EXAMPLE, Manifest, containers, one, pod_spec, render
-
-PROGRAMS: dict[str, type[Settings]] = {"tabserve-server": ServerSettings, "tabserve-monitor": MonitorSettings}
-# Variables a container sets that are not tabserve settings, each with its reason.
-OTHER_VARIABLES = {"HOME": "MLflow reads its credentials file from ~/.mlflow/credentials (a mounted Secret)"}
+from tests.deploy_manifests import BASE, EXAMPLE, Manifest, containers, loaded, one, pod_spec, port, render
 
 
 @pytest.fixture(scope="module", params=[BASE, EXAMPLE], ids=["base", "example"])
 def manifests(request: pytest.FixtureRequest) -> list[Manifest]:
     return render(request.param)
-
-
-def environment(manifests: list[Manifest], container: Manifest) -> dict[str, str]:
-    """The container's variables: its ConfigMaps (envFrom), then its own `env` (which wins, as in Kubernetes)."""
-    config_maps = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "ConfigMap"}
-    env: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        assert set(source) == {"configMapRef"}, f"{container['name']}: only ConfigMaps hold settings: {source}"
-        env.update(config_maps[source["configMapRef"]["name"]]["data"])
-    for variable in container.get("env", []):
-        assert "valueFrom" not in variable, f"{variable['name']}: secrets come from mounted files"
-        env[variable["name"]] = variable["value"]
-    return env
-
-
-def loaded(manifests: list[Manifest], container: Manifest) -> Settings:
-    """The container's settings as its process would load them; fails on a name that is no setting."""
-    cls = PROGRAMS[container["command"][0]]
-    env = environment(manifests, container)
-    names = {cls.env_name(name) for name in cls.__dataclass_fields__}
-    unknown = sorted(set(env) - names - set(OTHER_VARIABLES))
-    assert not unknown, f"{container['name']}: not settings of {cls.program}: {unknown}"
-    argv = [*container["command"][1:], *container.get("args", [])]
-    # argparse would also take an abbreviation (--max-worker): a manifest spells every flag out.
-    flags = {"--" + name.replace("_", "-") for name in cls.__dataclass_fields__}
-    abbreviated = [a for a in argv if a.startswith("--") and a.split("=", 1)[0] not in flags]
-    assert not abbreviated, f"{container['name']}: not flags of {cls.program}: {abbreviated}"
-    return cls.load(argv=argv, environ=env)
-
-
-def port(address: str) -> int:
-    return split_address(address)[1]
 
 
 def settings_of(manifests: list[Manifest]) -> tuple[ServerSettings, MonitorSettings]:
