@@ -36,12 +36,13 @@ MONITOR_ENV_PREFIX = "TABSERVE_MONITOR_"
 
 @dataclass(frozen=True)
 class EmbeddedPaths:
-    """Where the embedded default keeps its SQLite registry, artifacts and model cache."""
+    """Where the embedded default keeps its SQLite registry, artifacts, model cache and decision log."""
 
     data_dir: Path
     db_file: Path
     artifacts_dir: Path
     cache_dir: Path
+    decisions_dir: Path
 
     @property
     def tracking_uri(self) -> str:
@@ -56,6 +57,7 @@ def embedded_paths(data_dir: Path) -> EmbeddedPaths:
         db_file=root / "mlflow.db",
         artifacts_dir=root / "artifacts",
         cache_dir=root / "model-cache",
+        decisions_dir=root / "decisions",
     )
 
 
@@ -113,6 +115,7 @@ def _set_defaults(paths: EmbeddedPaths, tracking_uri: str) -> None:
     os.environ.setdefault(ENV_PREFIX + "TRACKING_URI", tracking_uri)
     os.environ.setdefault(ENV_PREFIX + "MODEL_URI", f"models:/{MODEL_NAME}@{DEFAULT_ALIAS}")
     os.environ.setdefault(ENV_PREFIX + "CACHE_DIR", str(paths.cache_dir))
+    os.environ.setdefault(ENV_PREFIX + "DECISION_LOG_DIR", str(paths.decisions_dir))
     os.environ.setdefault(MONITOR_ENV_PREFIX + "TRACKING_URI", tracking_uri)
     os.environ.setdefault(MONITOR_ENV_PREFIX + "MODEL_NAME", MODEL_NAME)
     os.environ.setdefault(MONITOR_ENV_PREFIX + "POLL_INTERVAL_SECONDS", "2")

@@ -11,7 +11,9 @@ infinity), so the same content always has the same bytes. The log adds these fie
 - `seq`: 1, 2, 3, ... within the file set, across its numbered files;
 - `prev`: `hash` of the record before in the file set (64 zeros for the first);
 - `alg`: `sha256`, or `hmac-sha256` when a key file is configured;
-- `hash`: SHA-256 (or HMAC-SHA-256 with the key) of the canonical encoding of every other field, hex.
+- `hash`: SHA-256 (or HMAC-SHA-256 with the key) of the canonical encoding of every other field, hex. The line
+  is exactly that encoding with `"hash"` added as its last member, so a verifier may hash the bytes as written
+  (up to `,"hash"`, closed with `}`) or re-encode the parsed record without `hash`: both give the same bytes.
 
 Fields given by the caller with these names are replaced. Without a key anyone who can write the files can
 recompute every hash after an edit: the chain then detects accidents and casual edits only.
@@ -35,6 +37,7 @@ __all__ = [
     "ChainState",
     "canonical",
     "digest",
+    "digest_bytes",
     "seal",
 ]
 
@@ -52,7 +55,10 @@ def canonical(obj: Mapping[str, Any]) -> bytes:
 
 def digest(body: Mapping[str, Any], key: bytes | None) -> str:
     """Hex hash of a record without its `hash` field: SHA-256, or HMAC-SHA-256 with `key`."""
-    data = canonical(body)
+    return digest_bytes(canonical(body), key)
+
+
+def digest_bytes(data: bytes, key: bytes | None) -> str:
     if key is None:
         return hashlib.sha256(data).hexdigest()
     return hmac.new(key, data, hashlib.sha256).hexdigest()
@@ -76,6 +82,7 @@ def seal(record: Mapping[str, Any], state: ChainState, worker: str, key: bytes |
         alg=ALG_SHA256 if key is None else ALG_HMAC,
     )
     body.pop("hash", None)
-    value = digest(body, key)
-    body["hash"] = value
-    return canonical(body) + b"\n", ChainState(state.seq + 1, value)
+    data = canonical(body)
+    value = digest_bytes(data, key)
+    # Encoding once: the line is the hashed bytes with `hash` as their last member.
+    return data[:-1] + b',"hash":"' + value.encode() + b'"}\n', ChainState(state.seq + 1, value)
