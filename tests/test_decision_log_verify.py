@@ -189,3 +189,26 @@ def test_the_admin_command_exit_codes(logdir: Path, tmp_path: Path) -> None:
     assert no_key.returncode == 2 and "cannot read the decision log key file" in no_key.stderr
 
 
+
+
+def test_a_set_being_written_needs_no_close_record(tmp_path: Path) -> None:
+    settings = ServerSettings(decision_log_dir=str(tmp_path), decision_log_required=True)
+    log = open_decision_log(settings, WORKER)
+    assert log is not None
+    try:
+        for i in range(5):
+            log.submit({"i": i})  # required mode: in the file when submit returns
+        report = verify_directory(tmp_path)
+        assert report.intact, report
+        assert report.sets[0].live and "still being written" in report.sets[0].notices[-1]
+    finally:
+        log.close()
+    assert not verify_directory(tmp_path).sets[0].live
+
+
+def test_a_copy_of_a_running_log_is_verified_with_open_tail(logdir: Path) -> None:
+    """A shipped copy holds no lock: without --open-tail its missing close record is a truncated tail."""
+    edit_lines(files(logdir)[-1], lambda lines: lines[:-1])  # the copy was taken before the close record
+    assert "does not end in a close record" in problem(logdir)
+    assert verify_directory(logdir, open_tail=True).intact
+    assert admin(str(logdir), "--open-tail").returncode == 0

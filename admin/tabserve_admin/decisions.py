@@ -34,6 +34,9 @@ def register(commands: Any) -> None:
     )
     verify.add_argument("directory", metavar="DIR", type=Path, help="the server's decision_log_dir (or one worker's)")
     verify.add_argument("--key-file", default="", help="the server's decision_log_key_file (keyed logs)")
+    verify.add_argument("--open-tail", action="store_true",
+                        help="a copy of a running server's log: a set not ending in a close record is still being "
+                        "written (a notice), not a truncated tail")
     verify.add_argument("--json", action="store_true", help="print the report as one JSON object")
     verify.set_defaults(handler=run_verify)
     for name in SUBCOMMANDS:
@@ -47,7 +50,7 @@ def key_from_file(path: str) -> bytes | None:
 
 def run_verify(args: argparse.Namespace) -> int:
     try:
-        report = verify_directory(args.directory, key_from_file(args.key_file))
+        report = verify_directory(args.directory, key_from_file(args.key_file), open_tail=args.open_tail)
     except (Unreadable, SettingsError) as exc:
         print(f"tabserve-admin decisions verify: {exc}", file=sys.stderr)
         return EXIT_USAGE

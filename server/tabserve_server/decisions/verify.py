@@ -75,8 +75,11 @@ class _Bad(Exception):
         self.reason = reason
 
 
-def verify_directory(root: Path, key: bytes | None = None) -> Report:
-    """Verify every file set under `root`; raises Unreadable when a set cannot be read or needs a key."""
+def verify_directory(root: Path, key: bytes | None = None, *, open_tail: bool = False) -> Report:
+    """Verify every file set under `root`; raises Unreadable when a set cannot be read or needs a key.
+
+    `open_tail`: the sets may still be growing although no process here holds them (a shipped copy of a running
+    server's log): a set without a final `close` record is then a notice, not a truncated tail."""
     try:
         if any(numbered_files(root)):
             dirs = [root]
@@ -87,7 +90,7 @@ def verify_directory(root: Path, key: bytes | None = None) -> Report:
     if not dirs:
         raise Unreadable(f"no decision log files under {root}")
     try:
-        return Report([_verify_set(d, key) for d in dirs])
+        return Report([_verify_set(d, key, open_tail) for d in dirs])
     except OSError as exc:
         raise Unreadable(f"cannot read {exc.filename or root}: {exc.strerror or exc}") from None
 
@@ -127,7 +130,7 @@ def _pruned_claims(files: list[tuple[int, Path]]) -> dict[str, dict[str, Any]]:
     return claims
 
 
-def _verify_set(directory: Path, key: bytes | None) -> SetReport:
+def _verify_set(directory: Path, key: bytes | None, open_tail: bool) -> SetReport:
     report = SetReport(worker=directory.name, live=_is_live(directory))
     files = numbered_files(directory)
     report.files = len(files)
@@ -167,7 +170,10 @@ def _verify_set(directory: Path, key: bytes | None) -> SetReport:
             report.decisions += kind == "decision"
             _notice(record, last_kind, name, line_number, report)
             last_kind = str(kind)
-    if not report.live and last_kind != "close":
+    if last_kind != "close" and (report.live or open_tail):
+        report.notices.append("no close record yet: the set is still being written (records after the last one "
+                              "here are not checked)")
+    elif last_kind != "close":
         last = f"{directory.name}/{files[-1][1].name}"
         report.problem = Problem(last, 0, state.seq if state else None, "the set does not end in a close record and "
                                  "no process holds it: its tail was truncated (or its newest file removed), or "
