@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,14 @@ def containers(manifests: list[Manifest]) -> dict[str, Manifest]:
 
 def pod_spec(manifests: list[Manifest]) -> Manifest:
     return one(manifests, "Deployment")["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def walk(node: Any) -> Iterator[Any]:
+    """Every dict and list below `node`, depth first (imagetest/pod.py remaps ports with it)."""
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from walk(child)
 
 
 def environment(manifests: list[Manifest], container: Manifest) -> dict[str, str]:
