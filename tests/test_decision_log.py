@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tabserve_common.settings import SettingsError
 from tabserve_server.decisions.chain import GENESIS
 from tabserve_server.decisions.log import DecisionLog, DecisionLogUnavailable, open_decision_log
 from tabserve_server.decisions.sink import file_name, numbered_files
@@ -177,3 +178,46 @@ def test_close_writes_everything_queued(tmp_path: Path) -> None:
 
 def test_an_empty_directory_setting_turns_the_log_off() -> None:
     assert open_decision_log(ServerSettings(decision_log_dir=""), WORKER) is None
+
+
+def test_retention_by_age_prunes_old_files_and_says_so(tmp_path: Path) -> None:
+    small = {"decision_log_max_file_bytes": 4096, "decision_log_retention_bytes": 0}
+    log = open_log(tmp_path, **small)
+    for i in range(200):
+        log.submit({"i": i, "pad": "z" * 50})
+    log.close()
+    old = numbered_files(tmp_path / WORKER)
+    assert len(old) > 3
+    for _, path in old[:-1]:  # all but the newest, which the next writer continues in
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    log = open_log(tmp_path, decision_log_retention_seconds=3600, **small)
+    log.submit({"i": "after"})
+    log.close()
+    left = [n for n, _ in numbered_files(tmp_path / WORKER)]
+    assert left[0] == old[-1][0]
+    assert sample(log, "tabserve_server_decision_log_files_pruned_total", reason="age") == len(old) - 1
+    (pruned,) = [r for r in records(tmp_path) if r["kind"] == "pruned"]
+    assert [f["file"] for f in pruned["files"]] == [path.name for _, path in old[:-1]]
+    assert pruned["files"][-1]["last_seq"] == records(tmp_path)[0]["seq"] - 1
+
+
+def test_a_torn_last_line_is_left_and_the_next_writer_starts_a_new_file(tmp_path: Path) -> None:
+    log = open_log(tmp_path)
+    log.submit({"i": 1})
+    log.close()
+    path = tmp_path / WORKER / file_name(1)
+    path.write_bytes(path.read_bytes()[:-10])  # a write that failed half-way, as after a power loss
+    log = open_log(tmp_path)
+    log.submit({"i": 2})
+    log.close()
+    assert [n for n, _ in numbered_files(tmp_path / WORKER)] == [1, 2]
+    assert path.read_bytes()[-1:] != b"\n"  # left as evidence
+    first = json.loads((tmp_path / WORKER / file_name(2)).read_bytes().splitlines()[0])
+    assert first["kind"] == "start" and first["seq"] == 3  # continues after the last complete record (seq 2)
+
+
+def test_a_short_key_is_refused_at_start(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("short\n")
+    with pytest.raises(SettingsError, match="holds 5 bytes; at least 32"):
+        open_log(tmp_path, decision_log_key_file=str(key))

@@ -155,8 +155,9 @@ class ServerSettings(Settings):
         "dropped and counted, scoring goes on.",
     )
     decision_log_queue_size: int = setting(
-        10_000, "Records waiting for the writer thread (per process): the most a killed process loses; past it, "
-        "records are dropped (required mode: calls wait up to 5 s, then UNAVAILABLE).", minimum=1,
+        10_000, "Records waiting for the writer thread (per process): a killed process loses at most these plus "
+        "the batch being written (256); past it, records are dropped (required mode: calls wait up to 5 s, then "
+        "UNAVAILABLE).", minimum=1,
     )
     decision_log_max_file_bytes: int = setting(
         64 * 1024 * 1024, "Size at which the decision log starts its next numbered file.", minimum=4096,
