@@ -54,11 +54,12 @@ protos-snapshot: $(BUF_STAMP)
 	$(BUF) lint protos
 	$(BUF) build protos --exclude-source-info -o $(API_SNAPSHOT)
 
-## alerts: write the alert rules and their promtool tests with runbook_url = $(RUNBOOK_URL)#<alert> to $(ALERTS_OUT)
+## alerts: write the alert rules and their promtool tests with runbook_url = $(RUNBOOK_URL)#<alert> to $(ALERTS_OUT), and
+## the same rules as a PrometheusRule to deploy/base/prometheusrule.yaml ($(ALERTS_OUT)/prometheusrule.yaml when set)
 alerts: $(STAMP)
 	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --out '$(ALERTS_OUT)'
 
-## alerts-check: fail when monitor/alerts was not written with the default RUNBOOK_URL
+## alerts-check: fail when monitor/alerts or deploy/base/prometheusrule.yaml was not written with the default RUNBOOK_URL
 alerts-check: $(STAMP)
 	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --check
 

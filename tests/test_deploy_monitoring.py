@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from tabserve_server.metrics import ServerMetrics
 from tests.deploy_manifests import BASE, EXAMPLE, Manifest, by_name, containers, named, one, pod_spec, render
 from tests.support import required_command
+from tools.gen_alert_rules import main as gen_alert_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitor" / "alerts" / "tabserve.rules.yml"
@@ -91,6 +93,22 @@ def test_prometheus_rule_is_monitor_alerts(base: list[Manifest], tmp_path: Path)
     done = subprocess.run([promtool, "check", "rules", str(extracted)], check=False, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, f"promtool check rules failed:\n{done.stdout}\n{done.stderr}"
+
+
+def test_an_overlay_points_the_alerts_at_another_runbook(tmp_path: Path) -> None:
+    # The recipe of docs/deployment.md: `make alerts ... ALERTS_OUT=<overlay>/alerts`, then patch the base's rule.
+    url = "https://wiki.example.com/ml/tabserve/runbook"
+    shutil.copytree(BASE, tmp_path / "base")
+    overlay = tmp_path / "overlay"
+    checked_in = (BASE / "prometheusrule.yaml").read_text()
+    assert gen_alert_rules(["--runbook-url", url, "--out", str(overlay / "alerts")]) == 0
+    (overlay / "kustomization.yaml").write_text("resources: [../base]\npatches: [{path: alerts/prometheusrule.yaml}]\n")
+    groups = one(render(overlay), "PrometheusRule")["spec"]["groups"]
+    assert groups == yaml.safe_load((overlay / "alerts" / RULES.name).read_text())["groups"]
+    urls = [rule["annotations"]["runbook_url"] for group in groups for rule in group["rules"]]
+    assert urls and all(u.startswith(url + "#") for u in urls)
+    # Written beside the overlay's rules, not over the checked-in one.
+    assert (BASE / "prometheusrule.yaml").read_text() == checked_in
 
 
 def test_scrape_jobs_are_the_jobs_the_rules_name(base: list[Manifest]) -> None:
