@@ -29,6 +29,9 @@ def settings_of(manifests: list[Manifest]) -> tuple[ServerSettings, MonitorSetti
 
 
 def test_every_variable_and_flag_is_a_setting(manifests: list[Manifest]) -> None:
+    # Service links would add <SERVICE>_PORT... variables to the containers (a Service named tabserve-server would
+    # put TABSERVE_SERVER_PORT beside the settings): off, so the manifests' variables are all there is.
+    assert pod_spec(manifests)["enableServiceLinks"] is False
     server, monitor = settings_of(manifests)
     assert server.tls and server.tls_client_ca_file and server.control_token_file
     assert monitor.tls and monitor.tls_cert_file and monitor.control_token_file
