@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -221,3 +223,33 @@ def test_a_short_key_is_refused_at_start(tmp_path: Path) -> None:
     key.write_text("short\n")
     with pytest.raises(SettingsError, match="holds 5 bytes; at least 32"):
         open_log(tmp_path, decision_log_key_file=str(key))
+
+
+FILLING_DISK = """
+import json, resource, signal, sys
+from tabserve_server.decisions.log import open_decision_log
+from tabserve_server.settings import ServerSettings
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # a disk that fills after 20 kB
+log = open_decision_log(ServerSettings(decision_log_dir=sys.argv[1]), "worker-0")
+for i in range(2000):
+    log.submit({"i": i, "pad": "p" * 40})
+log.close()
+print(json.dumps({r: log.metrics.registry.get_sample_value(
+    "tabserve_server_decision_records_dropped_total", {"reason": r}) for r in ("write_error", "queue_full")}))
+"""
+
+
+def test_a_disk_filling_mid_file_leaves_no_torn_line(tmp_path: Path) -> None:
+    """write() stops part-way (EFBIG at a file size limit, as ENOSPC on a full disk): the file is cut back to the
+    end of the last batch written, the failed batches are dropped and counted, and what was written chains."""
+    done = subprocess.run([sys.executable, "-c", FILLING_DISK, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    dropped = json.loads(done.stdout.splitlines()[-1])
+    path = tmp_path / WORKER / file_name(1)
+    assert path.stat().st_size <= 20000 and path.read_bytes().endswith(b"\n")
+    found = records(tmp_path)
+    assert len([r for r in found if r["kind"] == "decision"]) + dropped["write_error"] + dropped["queue_full"] == 2000
+    assert dropped["write_error"] > 0
+    assert_chained(found)
+    assert "File too large" in done.stderr  # logged once, with the OS error
