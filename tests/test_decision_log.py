@@ -16,6 +16,7 @@ from tabserve_common.settings import SettingsError
 from tabserve_server.decisions.chain import GENESIS
 from tabserve_server.decisions.log import DecisionLog, DecisionLogUnavailable, open_decision_log
 from tabserve_server.decisions.sink import file_name, numbered_files
+from tabserve_server.decisions.verify import verify_directory
 from tabserve_server.settings import ServerSettings
 
 WORKER = "worker-0"
@@ -155,17 +156,21 @@ def test_required_mode_raises_with_the_reason_when_the_disk_fails(tmp_path: Path
         log.submit({"i": 2})
 
 
-def test_a_file_set_is_written_by_one_process_at_a_time(tmp_path: Path) -> None:
+def test_a_second_process_on_the_same_set_writes_a_set_of_its_own(tmp_path: Path) -> None:
+    """Two writers given one directory and one worker name: each chain keeps one writer, nothing is dropped."""
     first = open_log(tmp_path)
     second = open_log(tmp_path, decision_log_required=True)
     try:
         first.submit({"i": 1})
-        with pytest.raises(DecisionLogUnavailable, match="held by another process"):
-            second.submit({"i": 2})
+        second.submit({"i": 2})
     finally:
         first.close()
         second.close()
     assert [r["i"] for r in decisions(tmp_path)] == [1]
+    (path,) = [p for _, p in numbered_files(tmp_path / f"{WORKER}~2")]
+    (other,) = [r for r in map(json.loads, path.read_bytes().splitlines()) if r["kind"] == "decision"]
+    assert (other["i"], other["worker"]) == (2, f"{WORKER}~2")
+    assert verify_directory(tmp_path).intact
 
 
 def test_close_writes_everything_queued(tmp_path: Path) -> None:

@@ -255,8 +255,8 @@ class DecisionLog:
             return None
         try:
             self.writer.open()
-        except BlockingIOError:
-            return f"decision log {self.writer.files.directory} is held by another process"
+        except BlockingIOError as exc:
+            return f"decision log cannot be opened: {exc}"
         except OSError as exc:
             return f"decision log {self.writer.files.directory} cannot be opened: {exc}"
         self._opened = True
@@ -309,6 +309,6 @@ def open_decision_log(
     )
     files = FileSet(Path(settings.decision_log_dir), worker, retention)
     return DecisionLog(
-        ChainWriter(files, worker, key), queue_size=settings.decision_log_queue_size,
+        ChainWriter(files, key), queue_size=settings.decision_log_queue_size,
         required=settings.decision_log_required, metrics=metrics,
     )

@@ -1,7 +1,9 @@
 """The decision log's files: one set per worker process, `DIR/<worker>/decisions-00000001.jsonl`, ...
 
 A file set is written by one process at a time (an exclusive `flock` on `DIR/<worker>/.lock`, which also tells
-a verifier that the set is live). A new file starts when the current one would pass `max_file_bytes`; its first
+a verifier that the set is live). A process that finds its set held by another (two servers given one directory
+and the same worker name) writes the set `<worker>~2` (or `~3`, ...) instead, so each chain keeps one writer and
+no record is lost to the mistake. A new file starts when the current one would pass `max_file_bytes`; its first
 record's `prev` is the last hash of the file before. A restarted process continues the chain from the last
 complete record of its set, in the same file (a new one when that file ends in a torn line, left as evidence).
 Retention removes whole oldest files (never the current one) once the set is larger than `max_total_bytes` or a
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 FILE_PATTERN = re.compile(r"^decisions-(\d{8})\.jsonl$")
 _TAIL_CHUNK = 64 * 1024
+MAX_SETS_PER_WORKER = 64
 
 
 def file_name(number: int) -> str:
@@ -93,7 +96,9 @@ class FileSet:
     """One worker's numbered files: `open()` (lock, find where to continue), `append(lines)`, `rotate()`."""
 
     def __init__(self, root: Path, worker: str, retention: Retention) -> None:
-        self.directory = root / worker
+        self.root = root
+        self.worker = worker
+        self.directory = root / worker  # until open(): then the set actually claimed
         self.retention = retention
         self.number = 0
         self._fd = -1
@@ -104,15 +109,8 @@ class FileSet:
         """Lock the set and open the file to continue; returns the last complete record line (None: a new set).
 
         Raises OSError (BlockingIOError when another process holds the set)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         if self._lock_fd < 0:  # kept across a failed open: a second flock by this process would conflict
-            lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(lock_fd)
-                raise
-            self._lock_fd = lock_fd
+            self._claim()
         files = numbered_files(self.directory)
         last, torn = None, False
         for index, (_, path) in enumerate(reversed(files)):
@@ -127,6 +125,27 @@ class FileSet:
             self.number += 1
         self._open_current()
         return last
+
+    def _claim(self) -> None:
+        """Lock the worker's set, or the first free `<worker>~N` when another process holds it."""
+        for n in range(1, MAX_SETS_PER_WORKER + 1):
+            directory = self.root / (self.worker if n == 1 else f"{self.worker}~{n}")
+            directory.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                continue
+            except OSError:
+                os.close(lock_fd)
+                raise
+            if n > 1:
+                log.warning("decision log %s is held by another process (two servers share %s with the same "
+                            "worker name?): writing %s instead", self.root / self.worker, self.root, directory)
+            self._lock_fd, self.directory = lock_fd, directory
+            return
+        raise BlockingIOError(f"{MAX_SETS_PER_WORKER} file sets of {self.worker} under {self.root} are all held")
 
     def _open_current(self) -> None:
         path = self.directory / file_name(self.number)
@@ -198,11 +217,15 @@ class FileSet:
 class ChainWriter:
     """A file set and its chain: seals records in order, writes them, rotates, prunes. One thread uses it."""
 
-    def __init__(self, files: FileSet, worker: str, key: bytes | None) -> None:
+    def __init__(self, files: FileSet, key: bytes | None) -> None:
         self.files = files
-        self.worker = worker
         self.key = key
         self.state = ChainState()
+
+    @property
+    def worker(self) -> str:
+        """The set's name, which every record carries: the worker's, or `<worker>~N` (see FileSet)."""
+        return self.files.directory.name
 
     def open(self) -> None:
         """Open the set and continue its chain (OSError when it cannot be opened)."""
