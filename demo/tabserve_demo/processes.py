@@ -5,7 +5,8 @@
   read with a time limit; stderr goes to a file, never a pipe that could fill up;
 - `ServerProcess` / `MonitorProcess`: `python -m tabserve_server` / `python -m tabserve_monitor` as such children,
   configured through their environment variables;
-- `MlflowServer`: a real `mlflow server` on loopback, in a session of its own and stopped as a process group.
+- `ServiceProcess`: a third-party service on a fixed loopback port, in a session of its own and stopped as a
+  process group; `MlflowServer`, a real `mlflow server`, is one (the registry's stores are in stores.py).
 
 Installed with the demo package (`tabserve_demo.processes`), so the installed tour and the repository's tests,
 bench and tools use the one implementation.
@@ -204,53 +205,52 @@ class MonitorProcess(ChildProcess):
         return self
 
 
-class MlflowServer:
-    """A real `mlflow server` on a loopback port (fixed across restarts) over an existing backend store.
+class ServiceProcess:
+    """A third-party service on a loopback port (fixed across restarts, so clients reconnect to the same address).
 
-    It runs in a session of its own and is stopped as a process group: `mlflow server` starts uvicorn workers
-    (and, unless disabled as here with MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false, job-runner/huey consumers)
-    that would outlive a signal to the parent alone. Only the registry is needed here.
+    It runs in a session of its own and is stopped as a process group: services such as `mlflow server` start
+    workers that would outlive a signal to the parent alone. Subclasses say how to start it (`command`) and how
+    to tell it is up (`healthy`); `popen_options` adds what a subclass needs (another user, for example).
     """
 
-    def __init__(self, backend_store_uri: str, artifacts_dir: Path, log_file: Path, port: int | None = None) -> None:
+    name = "service"
+
+    def __init__(self, log_file: Path, port: int | None = None, env: Mapping[str, str] | None = None) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._backend_store_uri = backend_store_uri
-        self._artifacts_dir = artifacts_dir
         self._log_file = log_file
+        self._env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> MlflowServer:
-        """Begin start-up (tens of seconds on a busy machine); `wait_healthy` waits for it."""
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def healthy(self) -> bool:
+        raise NotImplementedError
+
+    def popen_options(self) -> dict[str, Any]:
+        return {}
+
+    def start(self) -> ServiceProcess:
+        """Begin start-up (tens of seconds on a busy machine for some); `wait_healthy` waits for it."""
         assert self.proc is None, "already started"
         with self._log_file.open("a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--backend-store-uri", self._backend_store_uri, "--artifacts-destination", str(self._artifacts_dir),
-                 "--workers", "1"],
-                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                self.command(), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, env=self._env,
+                **self.popen_options(),
             )
         return self
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
 
     def wait_healthy(self, timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({self.proc.returncode}): ...{self.log()[-3000:]}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): ...{self.log()[-3000:]}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server {self.url} not healthy after {timeout} s")
+                raise TimeoutError(f"{self.name} on port {self.port} not healthy after {timeout} s")
             time.sleep(0.5)
 
     def cpu_seconds(self) -> float:
-        """CPU time of the server and its children (its uvicorn worker) so far."""
+        """CPU time of the service and its direct children (e.g. a uvicorn worker) so far."""
         if self.proc is None:
             return 0.0
         total = 0.0
@@ -265,7 +265,7 @@ class MlflowServer:
         return total
 
     def terminate(self) -> None:
-        """SIGTERM to the server's process group (its own session: only our children are in it); no wait."""
+        """SIGTERM to the service's process group (its own session: only our children are in it); no wait."""
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -298,10 +298,59 @@ class MlflowServer:
     def log(self) -> str:
         return self._log_file.read_text(errors="replace")
 
-    def __enter__(self) -> MlflowServer:
+    def __enter__(self) -> ServiceProcess:
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def http_ok(url: str) -> bool:
+    """True when GET `url` answers 200 within 2 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+class MlflowServer(ServiceProcess):
+    """A real `mlflow server` on loopback over an existing backend store (a SQLite file or a PostgreSQL database).
+
+    `serve_artifacts` (the default): the server proxies artifacts (`mlflow-artifacts:` URIs) to
+    `artifacts_destination`, a directory or an s3:// URI; clients need no store credentials. Without it, new
+    experiments keep their artifacts at `artifacts_destination` (`--default-artifact-root`) and every client reads
+    and writes them there itself. `env` adds to the server's environment (the object store's endpoint and
+    credentials, for example). Job execution is disabled (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false): only the
+    registry is needed, and its huey consumers would be more processes to stop.
+    """
+
+    name = "mlflow server"
+
+    def __init__(
+        self, backend_store_uri: str, artifacts_destination: Path | str, log_file: Path, port: int | None = None, *,
+        serve_artifacts: bool = True, env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(log_file, port, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._backend_store_uri = backend_store_uri
+        self._artifacts = str(artifacts_destination)
+        self._serve_artifacts = serve_artifacts
+
+    def command(self) -> list[str]:
+        artifacts = (["--artifacts-destination", self._artifacts] if self._serve_artifacts
+                     else ["--no-serve-artifacts", "--default-artifact-root", self._artifacts])
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", self._backend_store_uri, *artifacts, "--workers", "1"]
+
+    def healthy(self) -> bool:
+        return http_ok(f"{self.url}/health")
+
+    def start(self) -> MlflowServer:
+        super().start()
+        return self
+
+    def __enter__(self) -> MlflowServer:
+        return self
