@@ -4,9 +4,10 @@ Two SQLite registries are built: a small one (1 run, 1 version, a small artifact
 runs, 500 versions, one large artifact inside the model directory every version points at). Versions are
 created cheaply with `MlflowClient.create_model_version` on one shared model artifact. Then
 `RegistryWatcher.resolve()` (what one poll asks the registry) is timed for alias mode and legacy-stage
-mode, through SQLite directly and, in the full run, through a real `mlflow server` child process on
-loopback per registry (tabserve_demo.processes). Polls of the two registries are interleaved so machine noise
-hits both alike.
+mode, through SQLite directly, through PostgreSQL directly (the same two registries built in a throwaway
+PostgreSQL cluster, tabserve_demo.stores: the production registry's backend store) and, in the full run,
+through a real `mlflow server` child process on loopback per SQLite registry (tabserve_demo.processes). Polls of
+the two registries are interleaved so machine noise hits both alike.
 
 Besides wall time, each figure has a count that noise cannot move: SQL statements and ORM rows the
 MLflow store handles per poll (in-process SQLite; the same store code runs behind `mlflow server`).
@@ -59,8 +60,9 @@ def _model_dir(path: Path, large_bytes: int) -> Path:
     return path
 
 
-def build_registry(root: Path, *, versions: int, runs: int, large_bytes: int) -> str:
-    """A SQLite registry under `root` with `versions` versions of MODEL_NAME; returns its URI.
+def build_registry(root: Path, *, versions: int, runs: int, large_bytes: int, uri: str = "") -> str:
+    """A registry with `versions` versions of MODEL_NAME, artifacts under `root`; returns its URI: `uri` (an
+    empty PostgreSQL database) when given, else a SQLite file under `root`.
 
     The last version has alias `production` and stage Production, the one before it Staging, every
     tenth one Archived; version 1 has alias `champion`. Runs carry a param and a metric each.
@@ -69,7 +71,7 @@ def build_registry(root: Path, *, versions: int, runs: int, large_bytes: int) ->
 
     _quiet()
     root.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{(root / 'mlflow.db').absolute().as_posix()}"
+    uri = uri or f"sqlite:///{(root / 'mlflow.db').absolute().as_posix()}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.create_experiment("poll-bench", artifact_location=(root / "artifacts").as_uri())
     run_ids: list[str] = []
@@ -195,7 +197,7 @@ def _measure(
         medians, p90s = {}, {}
         for size in (SMALL, LARGE):
             seconds = samples[f"{size}|{mode}"]
-            label_size = "1 version" if size == SMALL else f"{versions} versions"
+            label_size = _label(size, versions)
             medians[size] = section.add(f"poll {mode}, {label_size}, median", backend, generator,
                                         statistics.median(seconds) * 1e3, "ms", samples=len(seconds))
             p90s[size] = section.add(f"poll {mode}, {label_size}, p90", backend, generator,
@@ -213,9 +215,44 @@ def _measure(
     if servers:
         for size, server in servers.items():
             spent = server.cpu_seconds() - cpu_before[size]
-            label_size = "1 version" if size == SMALL else f"{versions} versions"
+            label_size = _label(size, versions)
             section.add(f"mlflow server CPU per poll (3 calls interleaved), {label_size}", backend,
                         generator, spent / polls * 1e3, "ms", samples=polls)
+
+
+def _label(size: str, versions: int) -> str:
+    return "1 version" if size == SMALL else f"{versions} versions"
+
+
+def _postgresql_leg(section: SectionResult, root: Path, versions: int, runs: int, polls: int) -> None:
+    """The same two registries in PostgreSQL (a throwaway cluster on loopback), polled in-process."""
+    import os
+    import secrets
+
+    from tabserve_demo.stores import PostgresCluster
+    from tools.debian import ensure_command
+
+    initdb = ensure_command("initdb", "postgresql", also_in=("/usr/lib/postgresql/*/bin",))
+    cluster = PostgresCluster(Path(os.path.realpath(initdb)).parent, secrets.token_hex(12))
+    try:
+        cluster.start().wait_healthy(120)
+        started = time.monotonic()
+        uris = {
+            SMALL: build_registry(root / "pg-small", versions=1, runs=1, large_bytes=0,
+                                  uri=cluster.create_database("poll_small")),
+            LARGE: build_registry(root / "pg-large", versions=versions, runs=runs, large_bytes=0,
+                                  uri=cluster.create_database("poll_large")),
+        }
+        section.notes.append(f"postgresql registries built in {time.monotonic() - started:.0f} s (PostgreSQL "
+                             f"{cluster.bin_dir.parent.name}, loopback TCP, fsync off)")
+        for size, uri in uris.items():
+            for mode, work in store_work(uri).items():
+                for what, count in work.items():
+                    section.add(f"store {what} per poll, {mode}, {_label(size, versions)}", "postgresql",
+                                "SQLAlchemy events", count, "count")
+        _measure(section, "postgresql", uris, polls, versions)
+    finally:
+        cluster.remove()
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -239,7 +276,7 @@ def run(quick: bool) -> dict[str, Any]:
         )
         for size, uri in uris.items():
             for mode, work in store_work(uri).items():
-                label_size = "1 version" if size == SMALL else f"{versions} versions"
+                label_size = _label(size, versions)
                 for what, count in work.items():
                     section.add(f"store {what} per poll, {mode}, {label_size}", "sqlite", "SQLAlchemy events",
                                 count, "count")
@@ -251,13 +288,14 @@ def run(quick: bool) -> dict[str, Any]:
             started = time.perf_counter()
             watcher.stage_versions()
             audit[size] = time.perf_counter() - started
-            label_size = "1 version" if size == SMALL else f"{versions} versions"
+            label_size = _label(size, versions)
             section.add(f"stage audit (all versions listed), {label_size}", "sqlite", "RegistryWatcher.stage_versions",
                         audit[size] * 1e3, "ms", samples=1)
         section.notes.append(
             f"stage audit with {versions} versions every 300 s at a 5 s poll: {audit[LARGE] * 1e3 * 5 / 300:.2f} ms "
             "amortized per poll (and once after each change of the registered model)"
         )
+        _postgresql_leg(section, root, versions, runs, polls)
         if quick:
             section.notes.append("quick: the mlflow server leg is skipped")
         else:

@@ -95,10 +95,11 @@ def monitor_settings(
     return values
 
 
-def required_command(command: str, package: str) -> str:
-    """A tool from a Debian package that a test needs: installed when missing; the test fails, never skips."""
+def required_command(command: str, package: str, also_in: tuple[str, ...] = ()) -> str:
+    """A tool from a Debian package that a test needs: installed when missing; the test fails, never skips.
+    `also_in`: directories off PATH where the package puts it (tools/debian.py)."""
     try:
-        return ensure_command(command, package)
+        return ensure_command(command, package, also_in)
     except ToolUnavailable as exc:
         pytest.fail(str(exc))
 

@@ -214,6 +214,7 @@ class ServiceProcess:
     """
 
     name = "service"
+    stop_signal = signal.SIGTERM  # asks the service to end; SIGKILL follows after the stop timeout
 
     def __init__(self, log_file: Path, port: int | None = None, env: Mapping[str, str] | None = None) -> None:
         self.port = port or free_port()
@@ -265,10 +266,10 @@ class ServiceProcess:
         return total
 
     def terminate(self) -> None:
-        """SIGTERM to the service's process group (its own session: only our children are in it); no wait."""
+        """`stop_signal` to the service's process group (its own session: only our children are in it); no wait."""
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(self.proc.pid, self.stop_signal)
 
     def _leader_exited(self, pid: int) -> bool:
         """True once the leader is a zombie (exited, not yet reaped, so its group id cannot be reused)."""
@@ -278,13 +279,13 @@ class ServiceProcess:
             return True
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM to the group, SIGKILL to what is left of it after `timeout` s (or once the leader exited)."""
+        """`stop_signal` to the group, SIGKILL to what is left of it after `timeout` s (or once the leader exited)."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, self.stop_signal)
             deadline = time.monotonic() + timeout
             while not self._leader_exited(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -111,12 +111,18 @@ def _model_file_sha256(model_name: str, version: str) -> str:
         return hashlib.sha256((local / MODEL_ARTIFACT_FILE).read_bytes()).hexdigest()
 
 
-def _delete_model_file(client: MlflowClient, model_name: str, version: str) -> list[str]:
-    """Delete model.lgb of a registered version from its artifact store; returns what was deleted."""
+def artifact_location(client: MlflowClient, model_name: str, version: str) -> str:
+    """Where a registered version's files are in the artifact store (file:, s3:, mlflow-artifacts: URI)."""
     artifact_uri: str = client.get_model_version_download_uri(model_name, version)
     if artifact_uri.startswith("models:/m-"):  # a LoggedModel that the registry did not resolve
         model_id = artifact_uri.removeprefix("models:/").split("/", 1)[0]
         artifact_uri = client.get_logged_model(model_id).artifact_location
+    return artifact_uri
+
+
+def _delete_model_file(client: MlflowClient, model_name: str, version: str) -> list[str]:
+    """Delete model.lgb of a registered version from its artifact store; returns what was deleted."""
+    artifact_uri = artifact_location(client, model_name, version)
     local = _local_path(artifact_uri)
     if local is not None:
         deleted = sorted(local.rglob(MODEL_ARTIFACT_FILE))

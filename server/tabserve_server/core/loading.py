@@ -94,9 +94,10 @@ def _is_unreachable(exc: BaseException) -> bool:
     return False
 
 
-def _wrap(step: str, exc: Exception) -> ModelLoadError:
+def _wrap(step: str, exc: Exception, service: str = "MLflow registry") -> ModelLoadError:
+    """`exc` as a failed load; RegistryUnavailable when `service` could not be reached (retried like any)."""
     if _is_unreachable(exc):
-        return RegistryUnavailable(f"{step}: MLflow registry unreachable: {exc}")
+        return RegistryUnavailable(f"{step}: {service} unreachable: {exc}")
     return ModelLoadError(f"{step}: {exc}")
 
 
@@ -255,7 +256,8 @@ class ModelLoader:
                 artifact_uri=uri, dst_path=str(directory), tracking_uri=self.config.tracking_uri or None
             )
         except Exception as exc:
-            raise _wrap(f"downloading {uri}", exc) from exc
+            # The object store behind the registry (S3 read directly, or proxied by the tracking server).
+            raise _wrap(f"downloading {uri}", exc, "artifact store") from exc
 
     def _threshold(self, resolved: ResolvedVersion) -> tuple[float, str]:
         for key in THRESHOLD_TAGS:
