@@ -27,7 +27,15 @@ Manifest = dict[str, Any]
 
 PROGRAMS: dict[str, type[Settings]] = {"tabserve-server": ServerSettings, "tabserve-monitor": MonitorSettings}
 # Variables a container sets that are not tabserve settings, each with its reason.
-OTHER_VARIABLES = {"HOME": "MLflow reads its credentials file from ~/.mlflow/credentials (a mounted Secret)"}
+OTHER_VARIABLES = {
+    "HOME": "MLflow reads its credentials file from ~/.mlflow/credentials (a mounted Secret)",
+    # The example overlay's registry-s3.yaml: a registry whose artifacts the server reads straight from S3.
+    "MLFLOW_S3_ENDPOINT_URL": "MLflow's S3 client: the object store's endpoint (S3-compatible stores)",
+    "AWS_SHARED_CREDENTIALS_FILE": "the AWS client's credentials file (a mounted Secret)",
+    "AWS_CONFIG_FILE": "the AWS client's config file, with the region (a mounted Secret)",
+    "AWS_RETRY_MODE": "the AWS client's retries of S3 reads",
+    "AWS_MAX_ATTEMPTS": "the AWS client's retries of S3 reads",
+}
 
 
 def render(kustomization: Path) -> list[Manifest]:
