@@ -48,9 +48,13 @@ ALG_HMAC: Final = "hmac-sha256"
 LOG_FIELDS: Final = frozenset({"v", "kind", "worker", "seq", "prev", "alg", "hash"})
 
 
+# One encoder for every record: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(obj: Mapping[str, Any]) -> bytes:
     """The one encoding of a record: sorted keys, no whitespace, UTF-8; ValueError on NaN or infinity."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def digest(body: Mapping[str, Any], key: bytes | None) -> str:

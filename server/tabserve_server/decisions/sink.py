@@ -245,8 +245,9 @@ class ChainWriter:
         A record that cannot be encoded raises ValueError/TypeError before anything of the batch is written."""
         lines = []
         state = self.state
+        worker = self.worker
         for record in records:
-            line, state = seal(record, state, self.worker, self.key)
+            line, state = seal(record, state, worker, self.key)
             lines.append((line, state))
         written = 0
         while written < len(lines):
