@@ -11,6 +11,7 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
   multi-worker   several SO_REUSEPORT workers vs the single-process reference        bench/h2load.py
   mtls           single-row throughput over mutual TLS vs plaintext                  bench/mtls.py
   explain        reasons served vs exact TreeSHAP in process (pred_contrib)          bench/explain.py
+  overload       10 x the peak single-row load from h2load: goodput, admitted p99    bench/overload.py
   monitor-poll   monitor per-poll cost, 500 versions vs 1                            bench/monitor_poll.py
   reload-memory  RSS after 50 reloads vs after 1                                     bench/reload_memory.py
 (each returns a dict of the shape in bench/report.py). The exit code is 0 only when every section is "ok".
@@ -37,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compute, explain, h2load, monitor_poll, mtls, reload_memory, serving
+from bench import compute, explain, h2load, monitor_poll, mtls, overload, reload_memory, serving
 from bench.model import FULL, TINY, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown
@@ -134,6 +135,9 @@ def run_all(quick: bool) -> dict[str, Any]:
         ))
         _guarded("explain", sections, lambda: explain.run(
             str(model.model_file), rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+        ))
+        _guarded("overload", sections, lambda: overload.run(
+            h2load.ensure_h2load(), workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
         ))
         children.close()  # servers stop before the sections that start their own
     _guarded("monitor-poll", sections, lambda: monitor_poll.run(quick))

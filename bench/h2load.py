@@ -70,6 +70,22 @@ def project_ok_count(metrics_port: int) -> int:
     return int(score_calls_by_code(metrics_port).get("OK", 0.0))
 
 
+_COUNTS = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
+
+
+def run_h2load(args: list[str]) -> tuple[float, dict[str, int]]:
+    """Run h2load with `args`: the seconds it reports and its request counts (`_COUNTS`)."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    finished = re.search(r"finished in ([\d.]+)(m?s)", done.stdout)
+    counts = re.search(r"requests: " + ", ".join(rf"(\d+) {name}" for name in _COUNTS), done.stdout)
+    if finished is None or counts is None:
+        raise RuntimeError(f"cannot parse h2load output: {done.stdout[-2000:]}")
+    elapsed = float(finished[1]) / (1000.0 if finished[2] == "ms" else 1.0)
+    return elapsed, {name: int(value) for name, value in zip(_COUNTS, counts.groups(), strict=True)}
+
+
 def h2load(
     binary: str, port: int, body: Path, *, log_file: Path, ok_count: Callable[[], int], requests: int = 0,
     seconds: int = 0,
@@ -87,21 +103,14 @@ def h2load(
         "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log_file), url,
     ]
     before = ok_count()
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    elapsed, counts = run_h2load(args)
     after = ok_count()
-    if done.returncode != 0:
-        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
-    finished = re.search(r"finished in ([\d.]+)(m?s)", done.stdout)
-    counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", done.stdout)
-    if finished is None or counts is None:
-        raise RuntimeError(f"cannot parse h2load output: {done.stdout[-2000:]}")
-    elapsed = float(finished[1]) / (1000.0 if finished[2] == "ms" else 1.0)
     # --log-file: one line per request, "start time (µs)  HTTP status  duration (µs)".
     durations = [int(line.split()[2]) for line in log_file.read_text().splitlines() if line.strip()]
     micro = np.asarray(durations, dtype=np.float64)
     return H2Run(
         # A timed run stops with calls still in flight: only the calls h2load saw done count as sent.
-        seconds=elapsed, requests=int(counts[2] if seconds else counts[1]), http_ok=int(counts[3]),
+        seconds=elapsed, requests=counts["done" if seconds else "total"], http_ok=counts["succeeded"],
         grpc_ok=after - before,
         p50_ms=float(np.percentile(micro, 50) / 1e3) if micro.size else float("nan"),
         p99_ms=float(np.percentile(micro, 99) / 1e3) if micro.size else float("nan"),

@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = (
-    "compute", "serving", "h2load", "reload", "multi-worker", "mtls", "explain", "monitor-poll", "reload-memory",
+    "compute", "serving", "h2load", "reload", "multi-worker", "mtls", "explain", "overload", "monitor-poll",
+    "reload-memory",
 )
 
 

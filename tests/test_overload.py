@@ -18,9 +18,9 @@ import pytest
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ScoringClient
-from tabserve_server.transport.admission import Admission, Limits
-from tabserve_server.transport.edge import PUSHBACK_KEY
-from tests.support import SCORE_METHOD, Server, server_settings, settled_server
+from tabserve_server.transport.admission import CORE_OPTIONS, Admission, AdmissionExecutor, Limits
+from tabserve_server.transport.edge import PUSHBACK_KEY, Edge
+from tests.support import SCORE_METHOD, Server, server_settings, settled_server, wait_for
 
 CONNECTIONS = 6
 # At this size gRPC core's own pending-request limits shed calls as CANCELLED (measured: 2,526 of 10,000 without
@@ -153,3 +153,44 @@ def test_concurrent_callers_are_counted_exactly() -> None:
     assert admission.start("a", None) is None  # nothing leaked
 
 
+
+
+class Blocking(scoring_pb2_grpc.ScoringServicer):
+    """Every Score call holds its worker thread until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Score(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.release.wait(30)
+        return scoring_pb2.ScoreResponse(model_version="1", scores=[0.5], decisions=[True])
+
+
+def test_a_refusal_on_arrival_never_waits_for_a_worker_thread() -> None:
+    """One thread, held; one call waiting: the next call is refused at once (gRPC's polling thread answers it),
+    not after the held call ends, as it would if the refusal needed a worker thread."""
+    pool = AdmissionExecutor(1)
+    admission = Admission(Limits(1, 1, 30.0), pool.queued_now, pool.waited)
+    server = grpc.server(pool, interceptors=[Edge(None, admission=admission)], options=CORE_OPTIONS)
+    servicer = Blocking()
+    scoring_pb2_grpc.add_ScoringServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            score = scoring_pb2_grpc.ScoringStub(channel).Score
+            held = score.future(scoring_pb2.ScoreRequest(), timeout=30)
+            wait_for(lambda: pool.running == 1, timeout=10, what="the held call running")
+            waiting = score.future(scoring_pb2.ScoreRequest(), timeout=30)
+            wait_for(lambda: pool.queued == 1, timeout=10, what="the second call waiting")
+            with pytest.raises(grpc.RpcError) as refused:
+                score(scoring_pb2.ScoreRequest(), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert "overloaded" in str(refused.value.details())
+            assert dict(refused.value.trailing_metadata() or ())[PUSHBACK_KEY]
+            assert not held.done()
+            servicer.release.set()
+            assert held.result(timeout=10).model_version == waiting.result(timeout=10).model_version == "1"
+    finally:
+        servicer.release.set()
+        server.stop(0)

@@ -4,7 +4,8 @@ grpcio runs every call on a pool thread, so a call is *in flight* while a thread
 `max_workers`) and *waiting* while it sits in the pool's queue. `AdmissionExecutor` is that pool, counting
 both exactly (every item it queues starts, even a call its client cancelled meanwhile). `Admission` decides:
 
-- on arrival (gRPC's polling thread, before the call is queued): refused when `max_waiting` calls wait already;
+- on arrival (gRPC's polling thread, before the call is queued): refused when `max_waiting` calls wait already,
+  and answered right there (`InlineExecutor`);
 - on start (the call's thread, before any work): refused when it waited longer than `max_queue_seconds`, when
   its remaining deadline is shorter than the expected time to serve it, or when its caller holds more than
   `caller_share` of the in-flight budget (identities from mutual TLS only).
@@ -114,6 +115,25 @@ class AdmissionExecutor(futures.ThreadPoolExecutor):
     def waited(self) -> float:
         """Seconds the item running on this thread spent in the queue (0 outside the pool)."""
         return float(getattr(self._local, "waited", 0.0))
+
+
+class InlineExecutor(futures.ThreadPoolExecutor):
+    """Runs each item at once on the thread that submits it (never starts a thread of its own).
+
+    grpcio hands a call to the executor named by its behavior's `experimental_thread_pool` attribute; a refusal
+    on arrival carries this one, so gRPC's polling thread answers it in place: no pool item, no thread hand-off,
+    no wait for the request message (the refuser never reads it). Only for behaviors that never block."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1, thread_name_prefix="inline")
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        future: futures.Future[Any] = futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # the Future carries it, as a pool's would
+            future.set_exception(exc)
+        return future
 
 
 class Admission:

@@ -4,7 +4,9 @@
 Servicers only translate messages and raise the core's errors; this interceptor turns them into
 status codes, logs unexpected ones with their traceback as INTERNAL, and records the call. A call refused for
 load (transport/admission.py) is answered UNAVAILABLE with the refusal's words and gRFC A6's
-`grpc-retry-pushback-ms` trailer, and counted by reason.
+`grpc-retry-pushback-ms` trailer, and counted by reason. A call refused on arrival is answered on gRPC's polling
+thread itself, without a worker thread and without reading its request: under a flood that thread is the
+bottleneck, and a refusal that went through the pool cost it as much as a served call.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import grpc
 
 from tabserve_server.errors import DeadlineExceeded, ServingError
 from tabserve_server.metrics import ServerMetrics
-from tabserve_server.transport.admission import Admission, Refusal
+from tabserve_server.transport.admission import Admission, InlineExecutor, Refusal
 from tabserve_server.transport.errors import status_of
 from tabserve_server.transport.identity import CallerPolicy, caller_identity
 from tabserve_server.transport.request_id import begin_call, end_call
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 _EXEMPT = ("/grpc.health.v1.", "/grpc.reflection.")
 # Probes answer while not serving (that is their job), so they skip the drain check but not error mapping.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+_INLINE = InlineExecutor()
 _PROBES = (
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
@@ -59,6 +62,7 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         self._children: dict[tuple[str, str], Any] = {}
         self._callers: dict[str, Any] = {}
+        self._refusals: dict[str, Any] = {}
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -68,10 +72,11 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
         if self._admission is not None and method not in _PROBES:
             refusal = self._admission.arrive()
             if refusal is not None:
-                return grpc.unary_unary_rpc_method_handler(
-                    self._refuser(method.lstrip("/"), refusal),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
+                # Answered on gRPC's polling thread (InlineExecutor) without reading the request: a client-streaming
+                # handler does not wait for the message, and unary and client-streaming calls look the same on the
+                # wire. Refusing this way costs that thread a fraction of a served call, so it keeps up with a flood.
+                return grpc.stream_unary_rpc_method_handler(
+                    self._refuser(method.lstrip("/"), refusal), response_serializer=handler.response_serializer
                 )
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
@@ -107,19 +112,23 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _refuse(self, method: str, refusal: Refusal, context: grpc.ServicerContext, seconds: float) -> None:
         if self._metrics is not None:
-            self._metrics.refused.labels(refusal.reason).inc()
+            child = self._refusals.get(refusal.reason)
+            if child is None:
+                child = self._refusals[refusal.reason] = self._metrics.refused.labels(refusal.reason)
+            child.inc()
         self._count(method, "UNAVAILABLE", seconds)
         context.set_trailing_metadata(((PUSHBACK_KEY, str(refusal.pushback_ms)),))
         context.abort(grpc.StatusCode.UNAVAILABLE, refusal.message)
 
     def _refuser(self, method: str, refusal: Refusal) -> Callable[..., Any]:
-        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
             token = begin_call(context)
             try:
                 self._refuse(method, refusal, context, 0.0)
             finally:
                 end_call(token)
 
+        setattr(refuse, "experimental_thread_pool", _INLINE)  # noqa: B010  # grpcio reads this attribute
         return refuse
 
     def _behavior(
