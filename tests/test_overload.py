@@ -188,6 +188,7 @@ def test_a_refusal_on_arrival_never_waits_for_a_worker_thread() -> None:
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
             assert "overloaded" in str(refused.value.details())
             assert dict(refused.value.trailing_metadata() or ())[PUSHBACK_KEY]
+            assert dict(refused.value.initial_metadata() or ())["x-request-id"]  # refusals carry one too
             assert not held.done()
             servicer.release.set()
             assert held.result(timeout=10).model_version == waiting.result(timeout=10).model_version == "1"
