@@ -138,7 +138,7 @@ def rechain(logdir: Path, key: bytes | None, change: Callable[[dict[str, Any]], 
         for line in path.read_bytes().splitlines():
             record = json.loads(line)
             change(record)
-            sealed, state = seal(record, state, WORKER, key)
+            sealed, state = seal(record["kind"], record, state, WORKER, key)
             out.append(sealed)
         path.write_bytes(b"".join(out))
 
@@ -212,3 +212,18 @@ def test_a_copy_of_a_running_log_is_verified_with_open_tail(logdir: Path) -> Non
     assert "does not end in a close record" in problem(logdir)
     assert verify_directory(logdir, open_tail=True).intact
     assert admin(str(logdir), "--open-tail").returncode == 0
+
+
+def test_only_the_logs_own_pruned_records_vouch_for_missing_files(tmp_path: Path) -> None:
+    """A decision that merely contains what looks like a pruned record does not excuse a deleted file."""
+    settings = ServerSettings(decision_log_dir=str(tmp_path), decision_log_max_file_bytes=4096,
+                              decision_log_retention_bytes=0)
+    log = open_decision_log(settings, WORKER)
+    assert log is not None
+    for i in range(100):
+        log.submit({"i": i, "files": [{"file": file_name(1), "last_seq": 0, "last_hash": "0" * 64}],
+                    "echo": {"kind": "pruned"}})
+    log.close()
+    assert verify_directory(tmp_path).intact
+    files(tmp_path)[0].unlink()
+    assert f"{file_name(1)} is missing and no pruned record names it" in problem(tmp_path)

@@ -4,7 +4,7 @@ A record is one JSON object on one line, encoded canonically (keys sorted, no sp
 infinity), so the same content always has the same bytes. The log adds these fields to what it is given:
 
 - `v`: format version (this file describes 1; a reader refuses versions it does not know);
-- `kind`: `decision` (a scoring call, built by record.py) unless the record says otherwise; the log's own
+- `kind`: `decision` for every record given to the log (a scoring call, built by record.py); the log's own
   records are `start` (a writer process began), `close` (it stopped cleanly), `dropped` (records of answered
   calls that could not be written: counts by reason) and `pruned` (whole files removed by retention);
 - `worker`: the file set (one per worker process) the record belongs to;
@@ -76,13 +76,15 @@ class ChainState:
     last_hash: str = GENESIS
 
 
-def seal(record: Mapping[str, Any], state: ChainState, worker: str, key: bytes | None) -> tuple[bytes, ChainState]:
-    """The record's line (with its newline) as the next of `state`, and the state after it.
+def seal(
+    kind: str, record: Mapping[str, Any], state: ChainState, worker: str, key: bytes | None
+) -> tuple[bytes, ChainState]:
+    """The line (with its newline) of a record of `kind` as the next of `state`, and the state after it.
 
     Raises ValueError (or TypeError) when the record cannot be encoded (NaN, a non-JSON value)."""
-    body: dict[str, Any] = {"kind": "decision", **record}
+    body: dict[str, Any] = {**record}
     body.update(
-        v=FORMAT_VERSION, worker=worker, seq=state.seq + 1, prev=state.last_hash,
+        v=FORMAT_VERSION, kind=kind, worker=worker, seq=state.seq + 1, prev=state.last_hash,
         alg=ALG_SHA256 if key is None else ALG_HMAC,
     )
     body.pop("hash", None)

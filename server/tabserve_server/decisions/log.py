@@ -65,7 +65,7 @@ class _Waiter:
         self.done.set()
 
 
-Item = tuple[Mapping[str, Any], _Waiter | None]
+Item = tuple[str, Mapping[str, Any], _Waiter | None]  # kind, fields, the required-mode caller waiting
 
 
 def _now() -> str:
@@ -104,7 +104,7 @@ class DecisionLog:
             self._drop("closed")
             return
         try:
-            self._queue.put_nowait((record, None))
+            self._queue.put_nowait(("decision", record, None))
         except queue.Full:
             self._drop("queue_full")
 
@@ -115,7 +115,7 @@ class DecisionLog:
         waiter = _Waiter()
         deadline = time.monotonic() + REQUIRED_WAIT_SECONDS
         try:
-            self._queue.put((record, waiter), timeout=REQUIRED_WAIT_SECONDS)
+            self._queue.put(("decision", record, waiter), timeout=REQUIRED_WAIT_SECONDS)
         except queue.Full:
             self._dropped["queue_full"].inc()
             raise DecisionLogUnavailable(
@@ -151,7 +151,7 @@ class DecisionLog:
     def _run(self) -> None:
         next_prune = time.monotonic()
         stopping = False
-        self._write([({"kind": "start", "time": _now(), "pid": os.getpid()}, None)])
+        self._write([("start", {"time": _now(), "pid": os.getpid()}, None)])
         while not stopping:
             batch: list[Item] = []
             try:
@@ -175,7 +175,7 @@ class DecisionLog:
             if time.monotonic() >= next_prune:
                 self._prune()
                 next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
-        self._write([({"kind": "close", "time": _now()}, None)])
+        self._write([("close", {"time": _now()}, None)])
         self.writer.close()
         self._drain_after_stop()
 
@@ -187,7 +187,7 @@ class DecisionLog:
             except queue.Empty:
                 return
             if isinstance(item, tuple):
-                waiter: _Waiter | None = item[1]
+                waiter: _Waiter | None = item[2]
                 self._dropped["closed"].inc()
                 if waiter is not None:
                     waiter.finish("decision log closed: the server is stopping")
@@ -198,14 +198,13 @@ class DecisionLog:
             self._unlogged.clear()
         items: list[Item] = list(batch)
         if told:
-            items.insert(0, ({"kind": "dropped", "time": _now(), "count": told.total(), "reasons": dict(told)},
-                             None))
+            items.insert(0, ("dropped", {"time": _now(), "count": told.total(), "reasons": dict(told)}, None))
         error = self._open()
         written = 0
         number = self.writer.files.number
         if error is None:
             try:
-                written, os_error = self.writer.write([record for record, _ in items])
+                written, os_error = self.writer.write([(kind, record) for kind, record, _ in items])
             except (ValueError, TypeError):
                 self._write_one_by_one(items, told)
                 return
@@ -218,7 +217,7 @@ class DecisionLog:
         """A record that cannot be encoded (NaN, a non-JSON value) costs only itself."""
         for index, item in enumerate(items):
             try:
-                written, os_error = self.writer.write([item[0]])
+                written, os_error = self.writer.write([item[:2]])
             except (ValueError, TypeError) as exc:
                 self._fail(item, "invalid", f"decision record cannot be encoded: {exc}")
                 continue
@@ -227,11 +226,13 @@ class DecisionLog:
 
     def _settle(self, items: list[Item], written: int, error: str | None, told: Counter[str]) -> None:
         """Count and answer the first `written` items as written and the rest as failed with `error`."""
-        for record, waiter in items[:written]:
-            self.metrics.written.labels(str(record.get("kind", "decision"))).inc()
+        kinds = Counter(kind for kind, _, _ in items[:written])
+        for kind, count in kinds.items():
+            self.metrics.written.labels(kind).inc(count)
+        for _, _, waiter in items[:written]:
             if waiter is not None:
                 waiter.finish(None)
-        if items[written:] and items[0][0].get("kind") == "dropped" and written == 0:
+        if items[written:] and items[0][0] == "dropped" and written == 0:
             items = items[1:]  # the `dropped` record itself failed: its counts wait for the next write
             with self._lock:
                 self._unlogged.update(told)
@@ -240,8 +241,8 @@ class DecisionLog:
         self._set_failing(error if items[written:] else None)
 
     def _fail(self, item: Item, reason: str, error: str) -> None:
-        record, waiter = item
-        if record.get("kind", "decision") != "decision":
+        kind, _, waiter = item
+        if kind != "decision":
             return  # the log's own records are not counted as drops
         if waiter is not None:
             self._dropped[reason].inc()

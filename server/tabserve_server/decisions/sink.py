@@ -239,15 +239,16 @@ class ChainWriter:
             log.error("decision log %s: the last record cannot be read; the chain restarts (verify will report "
                       "the break)", self.files.directory)
 
-    def write(self, records: Sequence[Mapping[str, Any]]) -> tuple[int, OSError | None]:
-        """Seal and write `records` in order; (how many were written, the error that stopped the rest).
+    def write(self, records: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[int, OSError | None]:
+        """Seal and write `records` (kind, fields) in order; (how many were written, the error that stopped the
+        rest).
 
         A record that cannot be encoded raises ValueError/TypeError before anything of the batch is written."""
         lines = []
         state = self.state
         worker = self.worker
-        for record in records:
-            line, state = seal(record, state, worker, self.key)
+        for kind, record in records:
+            line, state = seal(kind, record, state, worker, self.key)
             lines.append((line, state))
         written = 0
         while written < len(lines):
@@ -279,7 +280,7 @@ class ChainWriter:
         if not due:
             return []
         entries = [_pruned_entry(p) for p in due]
-        _, error = self.write([{"kind": "pruned", "files": entries}])
+        _, error = self.write([("pruned", {"files": entries})])
         if error is not None:
             raise error
         for pruned in due:

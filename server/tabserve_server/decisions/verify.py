@@ -121,12 +121,15 @@ def _pruned_claims(files: list[tuple[int, Path]]) -> dict[str, dict[str, Any]]:
     claims: dict[str, dict[str, Any]] = {}
     for _, path in files:
         for _, line, _ in _lines(path):
-            if b'"kind":"pruned"' in line:
-                try:
-                    for entry in json.loads(line)["files"]:
+            if b'"kind":"pruned"' not in line:  # a cheap filter: most records are decisions
+                continue
+            try:
+                record = json.loads(line)
+                if record["kind"] == "pruned":
+                    for entry in record["files"]:
                         claims[str(entry["file"])] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue  # the chain check reports this record
+            except (ValueError, KeyError, TypeError):
+                continue  # the chain check reports this record
     return claims
 
 
