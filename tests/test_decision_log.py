@@ -268,3 +268,14 @@ def test_a_submitted_record_is_always_a_decision(tmp_path: Path) -> None:
     (record,) = decisions(tmp_path)
     assert (record["i"], record["seq"], record["worker"]) == (1, 2, WORKER)
     assert [r["kind"] for r in records(tmp_path)] == ["start", "decision", "close"]
+
+
+def test_a_directory_that_cannot_be_made_drops_and_keeps_trying(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    log = open_log(blocker / "decisions")  # mkdir fails: NotADirectoryError, at every write until it works
+    for i in range(10):
+        log.submit({"i": i})
+    log.close()
+    assert sample(log, "tabserve_server_decision_records_dropped_total", reason="write_error") == 10
+    assert sample(log, "tabserve_server_decision_log_write_failing") == 1

@@ -256,8 +256,6 @@ class DecisionLog:
             return None
         try:
             self.writer.open()
-        except BlockingIOError as exc:
-            return f"decision log cannot be opened: {exc}"
         except OSError as exc:
             return f"decision log {self.writer.files.directory} cannot be opened: {exc}"
         self._opened = True
