@@ -279,3 +279,33 @@ def test_a_directory_that_cannot_be_made_drops_and_keeps_trying(tmp_path: Path) 
     log.close()
     assert sample(log, "tabserve_server_decision_records_dropped_total", reason="write_error") == 10
     assert sample(log, "tabserve_server_decision_log_write_failing") == 1
+
+
+KILLED_WRITER = """
+import sys, time
+from tabserve_server.decisions.log import open_decision_log
+from tabserve_server.settings import ServerSettings
+log = open_decision_log(ServerSettings(decision_log_dir=sys.argv[1], decision_log_required=True), "worker-0")
+for i in range(50):
+    log.submit({"i": i})
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_after_a_kill_the_next_writer_continues_and_says_the_stop_was_unclean(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "written"
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    report = verify_directory(tmp_path)
+    assert "does not end in a close record" in str(report.sets[0].problem)  # no process holds it any more
+    log = open_log(tmp_path)
+    log.submit({"i": "after"})
+    log.close()
+    report = verify_directory(tmp_path)
+    assert report.intact, report
+    assert any("restarted after an unclean stop" in notice for notice in report.sets[0].notices)
+    assert [r["i"] for r in decisions(tmp_path)] == [*range(50), "after"]
