@@ -24,7 +24,7 @@ EXIT_USAGE: Final = 2
 Handler = Callable[[argparse.Namespace], int]
 
 # Modules of this package, each with `register(commands: argparse._SubParsersAction) -> None`.
-GROUPS: Final[tuple[str, ...]] = ("decisions",)
+GROUPS: Final[tuple[str, ...]] = ("decisions", "status", "promotion", "registry_check")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -88,7 +88,7 @@ def _is_registry_answer(exc: BaseException) -> bool:
     return str(getattr(exc, "error_code", "")) in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
-def _name_filter(name: str) -> str:
+def name_filter(name: str) -> str:
     """An exact-name filter for MLflow's search APIs."""
     if "'" not in name:
         return f"name = '{name}'"
@@ -155,7 +155,7 @@ class RegistryWatcher:
 
     def _classify_missing(self, lookup_error: Exception) -> Resolution:
         """The alias lookup was refused: tell a deleted model from a missing or dangling alias."""
-        registered = self._registered_model()
+        registered = self.registered_model()
         if registered is None:
             return Resolution(None, Problem.MODEL_MISSING, detail=f"registered model {self.model_name!r} not found")
         aliases = registered.aliases or {}
@@ -166,7 +166,7 @@ class RegistryWatcher:
             detail = f"alias {self.alias!r} points at version {version}, which cannot be read ({lookup_error})"
         return Resolution(None, Problem.ALIAS_DANGLING, detail=detail)
 
-    def _registered_model(self) -> Any:
+    def registered_model(self) -> Any:
         """The registered model with its latest version per stage and its aliases, or None when missing.
 
         A name-filtered search, not `get_registered_model`: the SQL store answers the search with
@@ -174,11 +174,11 @@ class RegistryWatcher:
         """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated since MLflow 2.9
-            found = self.client().search_registered_models(filter_string=_name_filter(self.model_name), max_results=1)
+            found = self.client().search_registered_models(filter_string=name_filter(self.model_name), max_results=1)
         return next((rm for rm in found if rm.name == self.model_name), None)
 
     def _resolve_stage(self) -> Resolution:
-        registered = self._registered_model()
+        registered = self.registered_model()
         if registered is None:
             return Resolution(None, Problem.MODEL_MISSING, detail=f"registered model {self.model_name!r} not found")
         wanted = self.stage.lower()
@@ -222,16 +222,21 @@ class RegistryWatcher:
     def stage_versions(self) -> tuple[str, ...]:
         """Every version of the model in the followed stage, highest first (pages through all versions)."""
         wanted = self.stage.lower()
-        found: list[int] = []
-        token: str | None = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            while True:
-                page = self.client().search_model_versions(
-                    filter_string=_name_filter(self.model_name), max_results=1000, page_token=token
-                )
-                found.extend(int(mv.version) for mv in page if str(mv.current_stage).lower() == wanted)
-                token = getattr(page, "token", None)
-                if not token:
-                    break
+        found = [int(mv.version) for mv in model_versions(self.client(), self.model_name)
+                 if str(mv.current_stage).lower() == wanted]
         return tuple(str(v) for v in sorted(found, reverse=True))
+
+
+def model_versions(client: Any, model_name: str) -> Iterator[Any]:
+    """Every version of `model_name` (MLflow ModelVersion entities), paged 1000 at a time by the registry."""
+    token: str | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated since MLflow 2.9
+        while True:
+            page = client.search_model_versions(
+                filter_string=name_filter(model_name), max_results=1000, page_token=token
+            )
+            yield from page
+            token = getattr(page, "token", None)
+            if not token:
+                return

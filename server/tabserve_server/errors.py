@@ -48,6 +48,10 @@ class ModelLoadError(Exception):
     reason = "refused"
 
 
+class DigestMismatch(ModelLoadError):
+    """The model file's sha256 is not the one its version's `tabserve.sha256` tag states (replaced or truncated)."""
+
+
 class RegistryUnavailable(ModelLoadError):
     """The MLflow tracking/registry server could not be reached."""
 

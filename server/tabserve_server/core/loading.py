@@ -26,7 +26,7 @@ from tabserve_server.core.cache import ModelCache
 from tabserve_server.core.model import AspiredVersion, DecisionLabels, LoadedFrom, LoadedModel
 from tabserve_server.core.reasons import adverse_is_positive
 from tabserve_server.core.verify import VerifyLimits, verify
-from tabserve_server.errors import ModelLoadError, RegistryUnavailable
+from tabserve_server.errors import DigestMismatch, ModelLoadError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def _check_integrity(files: ArtifactFiles, tags: Mapping[str, str], cached_diges
     """The bytes must match the version's `tabserve.sha256` tag, and a cache entry the digest it was cached with."""
     stated = tags.get(DIGEST_TAG, "").strip().lower().removeprefix("sha256:")
     if stated and files.lightgbm_file and files.model_file_sha256 != stated:
-        raise ModelLoadError(
+        raise DigestMismatch(
             f"{files.label}: {files.lightgbm_file} has sha256 {files.model_file_sha256}, but the version's tag "
             f"{DIGEST_TAG} says {stated}: refused"
         )
