@@ -141,5 +141,6 @@ class _Session:
         try:
             self.gate.check(loaded, current)
         except ModelLoadError as exc:
-            raise Refused(f"refused: the server would not swap in {self.name} version {version}: {exc}") from None
+            raise Refused(f"refused: the server would not swap in {self.name} version {version} for version "
+                          f"{self.current}, where alias {self.alias} points now: {exc}") from None
         return loaded
