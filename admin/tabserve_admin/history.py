@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 HISTORY_TAG: Final = "tabserve.promotions"
-HISTORY_LIMIT: Final = 50
+HISTORY_LIMIT: Final = 20
 # MLflow 3 takes registered-model tag values up to 100,000 characters; older versions' database columns hold 5000.
 TAG_VALUE_LIMIT: Final = 5000
 REASON_LIMIT: Final = 300

@@ -106,7 +106,7 @@ def _deep_findings(gate: VersionGate, facts: ModelFacts, report: Report) -> list
         report.artifact_bytes[(facts.name, version)] = loaded.artifact_bytes
         if previous is not None:
             try:
-                gate.check(loaded, previous)
+                gate.check(loaded, previous, allow_schema_change=False)  # found either way, a problem if refused
             except ModelLoadError as exc:
                 found.append(Finding(facts.name, "schema_change", (previous.model.version, version), str(exc),
                                      problem=not gate.settings.allow_schema_change))

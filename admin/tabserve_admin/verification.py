@@ -57,9 +57,11 @@ class VersionGate:
         finally:
             candidate.discard()
 
-    def check(self, loaded: Loaded, current: Loaded | None) -> None:
-        """Raise ModelLoadError unless the server would swap `loaded` in while `current` serves."""
-        validate(loaded.model, current.model if current else None, self.settings.allow_schema_change)
+    def check(self, loaded: Loaded, current: Loaded | None, *, allow_schema_change: bool | None = None) -> None:
+        """Raise ModelLoadError unless the server would swap `loaded` in while `current` serves (with
+        `allow_schema_change` given: as a server with that setting would)."""
+        allowed = self.settings.allow_schema_change if allow_schema_change is None else allow_schema_change
+        validate(loaded.model, current.model if current else None, allowed)
 
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
