@@ -44,6 +44,16 @@ def running_app(settings: ServerSettings) -> Iterator[ServingApp]:
         serving.stop(1.0)
 
 
+def run_admin(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`tabserve-admin ARGS` run in this process: (exit code, stdout, stderr)."""
+    from tabserve_admin import cli
+
+    capsys.readouterr()
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def wait_for(
     condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
 ) -> Any:

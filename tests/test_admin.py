@@ -33,6 +33,7 @@ from tests.admin_registry import (
     problem_model,
     seed,
 )
+from tests.support import run_admin
 from tests.test_quarantine import EXPECTED as CORRUPTION_REFUSALS
 
 BACKENDS = ("sqlite", "mlflow-server")
@@ -80,11 +81,7 @@ def _no_server_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
 
 
-def admin(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
+admin = run_admin
 
 
 def check(capsys: pytest.CaptureFixture[str], uri: str, *args: str) -> tuple[int, dict[str, object]]:

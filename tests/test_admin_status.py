@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tabserve_admin import cli
 from tabserve_client import aspired_version
-from tests.support import MODEL_NAME, Server, server_settings, wait_for
+from tests.support import MODEL_NAME, Server, run_admin, server_settings, wait_for
 
 TOKEN = "s3cret-admin-token"
 
@@ -43,10 +42,7 @@ def _no_server_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def status(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main(["status", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_admin(capsys, "status", *args)
 
 
 def test_status_in_words_with_every_worker(capsys: pytest.CaptureFixture[str], server: Server, token_file: Path
