@@ -13,6 +13,7 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
   explain        reasons served vs exact TreeSHAP in process (pred_contrib)          bench/explain.py
   overload       10 x the peak single-row load from h2load: goodput, admitted p99    bench/overload.py
   monitor-poll   monitor per-poll cost, 500 versions vs 1                            bench/monitor_poll.py
+                 and tabserve-admin registry check on the same registries             bench/registry_check.py
   reload-memory  RSS after 50 reloads vs after 1                                     bench/reload_memory.py
 (each returns a dict of the shape in bench/report.py). The exit code is 0 only when every section is "ok".
 

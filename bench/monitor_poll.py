@@ -1,4 +1,5 @@
-"""Monitor per-poll cost with 500 registered versions against 1 (issue 4 target: <= 1.5x).
+"""Monitor per-poll cost with 500 registered versions against 1 (issue 4 target: <= 1.5x); and, on the same
+registries, `tabserve-admin registry check` in metadata mode (bench/registry_check.py).
 
 Two SQLite registries are built: a small one (1 run, 1 version, a small artifact) and a large one (many
 runs, 500 versions, one large artifact inside the model directory every version points at). Versions are
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import registry_check
 from bench.report import SectionResult, Target, percentile_ms, ratio
 from tabserve_demo.processes import MlflowServer
 
@@ -296,6 +298,9 @@ def run(quick: bool) -> dict[str, Any]:
             "amortized per poll (and once after each change of the registered model)"
         )
         _postgresql_leg(section, root, versions, runs, polls)
+        checks = 3 if quick else 20
+        labels = {("1 version" if size == SMALL else f"{versions} versions"): uri for size, uri in uris.items()}
+        registry_check.measure(section, "sqlite", labels, MODEL_NAME, checks, count_store=_store_counter)
         if quick:
             section.notes.append("quick: the mlflow server leg is skipped")
         else:
@@ -306,6 +311,8 @@ def run(quick: bool) -> dict[str, Any]:
                     server.wait_healthy()
                 _measure(section, "mlflow server", {size: s.url for size, s in servers.items()}, polls, versions,
                          servers=servers)
+                registry_check.measure(section, "mlflow server", {label: servers[size].url for label, size in zip(
+                    labels, uris, strict=True)}, MODEL_NAME, checks)
             finally:
                 for server in servers.values():
                     server.terminate()
