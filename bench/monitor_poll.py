@@ -299,7 +299,7 @@ def run(quick: bool) -> dict[str, Any]:
         )
         _postgresql_leg(section, root, versions, runs, polls)
         checks = 3 if quick else 20
-        labels = {("1 version" if size == SMALL else f"{versions} versions"): uri for size, uri in uris.items()}
+        labels = {_label(size, versions): uri for size, uri in uris.items()}
         registry_check.measure(section, "sqlite", labels, MODEL_NAME, checks, count_store=_store_counter)
         if quick:
             section.notes.append("quick: the mlflow server leg is skipped")
