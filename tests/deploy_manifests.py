@@ -108,11 +108,7 @@ def loaded(manifests: list[Manifest], container: Manifest) -> Settings:
     unknown = sorted(set(env) - names - set(OTHER_VARIABLES))
     assert not unknown, f"{container['name']}: not settings of {cls.program}: {unknown}"
     argv = [*container["command"][1:], *container.get("args", [])]
-    # argparse would also take an abbreviation (--max-worker): a manifest spells every flag out.
-    flags = {"--" + name.replace("_", "-") for name in cls.__dataclass_fields__}
-    abbreviated = [a for a in argv if a.startswith("--") and a.split("=", 1)[0] not in flags]
-    assert not abbreviated, f"{container['name']}: not flags of {cls.program}: {abbreviated}"
-    return cls.load(argv=argv, environ=env)
+    return cls.load(argv=argv, environ=env)  # refuses unknown and abbreviated flags
 
 
 def port(address: str) -> int:

@@ -167,6 +167,12 @@ def test_an_unknown_flag_is_one_line() -> None:
     assert str(caught.value) == "unrecognized arguments: --wrokers=2 (--help lists the settings)"
 
 
+def test_an_abbreviated_flag_is_refused() -> None:
+    with pytest.raises(SettingsError) as caught:
+        ServerSettings.load(["--max-worker=2"], {})
+    assert str(caught.value) == "unrecognized arguments: --max-worker=2 (--help lists the settings)"
+
+
 @pytest.mark.parametrize(
     ("cls", "argv", "environ", "expected"),
     [

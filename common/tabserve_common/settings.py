@@ -232,7 +232,9 @@ def _secret_refusal(cls: type[Settings], name: str) -> type[argparse.Action]:
 def _parser(cls: type[Settings]) -> argparse.ArgumentParser:
     """Every field as a flag taking text (converted by `load`); booleans also as bare switches; the flag of an
     `env_only` field refuses any value."""
-    parser = _Parser(prog=cls.program or None, description=cls.__doc__)
+    # No abbreviations: `--max-worker` must not silently mean `--max-workers` (a typo in a manifest would
+    # change a setting today and another one the day a longer flag with the same prefix is added).
+    parser = _Parser(prog=cls.program or None, description=cls.__doc__, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("env_only"):
