@@ -18,7 +18,7 @@ API_SNAPSHOT := protos/api-snapshot.binpb
 RUNBOOK_URL ?= https://github.com/tabserve/tabserve/blob/main/docs/runbook.md
 ALERTS_OUT ?= monitor/alerts
 
-.PHONY: venv run test lint protos protos-check buf buf-check protos-snapshot alerts alerts-check demo demo-model bench clean
+.PHONY: venv run test lint image image-test protos protos-check buf buf-check protos-snapshot alerts alerts-check demo demo-model bench clean
 
 venv: $(STAMP)
 
@@ -64,7 +64,7 @@ alerts-check: $(STAMP)
 	$(PY) tools/gen_alert_rules.py --runbook-url '$(RUNBOOK_URL)' --check
 
 lint: $(STAMP)
-	$(PY) -m ruff check common server clients monitor demo admin tests tools bench
+	$(PY) -m ruff check common server clients monitor demo admin tests tools bench imagetest
 	$(PY) -m mypy
 
 test: $(STAMP) protos-check buf-check alerts-check lint
@@ -88,6 +88,17 @@ bench: $(STAMP)
 ## demo-model: train and register another demo model version and move the production alias to it
 demo-model: $(STAMP)
 	$(PY) -m tabserve_demo.new_version --data-dir $(DATA) --set-alias production
+
+## image: build localhost/tabserve:latest with podman (as root; Debian's mmdebstrap, podman and runc are installed
+## when missing): a Debian base from mmdebstrap, the project's wheels built here and installed offline
+## (tools/image.py; about 6 min the first time, see the README)
+image: $(STAMP)
+	$(PY) -m tools.image
+
+## image-test: play deploy/'s Deployment on that image with podman kube play, end to end on loopback (not part of
+## test: root and minutes)
+image-test: $(STAMP)
+	CONTAINERS_CONF=$(CURDIR)/container/containers.conf $(PY) -m pytest imagetest -p no:cacheprovider -s
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -53,15 +53,17 @@ class TestCA:
         self.cert_file = directory / f"{name}.crt"
         self.cert_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, file_name: str, names: tuple[str, ...], *, server: bool) -> Issued:
-        """A certificate for `names` (DNS names, IP addresses or URIs, as SANs), for a server or a client."""
+    def issue(self, file_name: str, names: tuple[str, ...], *, server: bool, client: bool = False) -> Issued:
+        """A certificate for `names` (DNS names, IP addresses or URIs, as SANs), for a server or a client, or
+        both with `server` and `client` (a pod whose sidecar presents the pod's certificate as a client)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+        usages += [ExtendedKeyUsageOID.CLIENT_AUTH] if client or not server else []
         cert = (
             _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]), self.cert.subject,
                      key.public_key())
             .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .sign(self.key, hashes.SHA256())
         )
         issued = Issued(self.directory / f"{file_name}.crt", self.directory / f"{file_name}.key")

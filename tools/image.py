@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -124,9 +125,22 @@ def build_wheels() -> None:
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), str(ROOT), "pip"])
 
 
+def wheel_digests(wheels: Path) -> tuple[str, str]:
+    """(dependencies, project) digests of the wheels: the dependencies' by file name (name and version), the
+    project's by its members' names and CRCs (its zip timestamps change on every build, its content need not)."""
+    names = sorted(w.name for w in wheels.glob("*.whl") if not w.name.startswith(("pip-", "tabserve-")))
+    (project,) = wheels.glob("tabserve-*.whl")
+    with zipfile.ZipFile(project) as archive:
+        members = sorted((i.filename, i.CRC) for i in archive.infolist())
+    return (hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16],
+            hashlib.sha256(json.dumps(members).encode()).hexdigest()[:16])
+
+
 def build_image(podman_cmd: str) -> None:
+    dependencies, project = wheel_digests(BUILD_DIR / "wheels")
     run([
         podman_cmd, "build", "--network", "none", "--pull=never", "--build-arg", f"BASE={BASE_IMAGE}",
+        "--build-arg", f"DEPENDENCIES_DIGEST={dependencies}", "--build-arg", f"PROJECT_DIGEST={project}",
         "-f", str(CONTAINERFILE), "-t", IMAGE, str(BUILD_DIR),
     ])
 
