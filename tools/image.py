@@ -7,7 +7,7 @@
 2. Wheels: `pip wheel` of the project and all its dependencies, built on the host into build/image/wheels.
 3. Image: `podman build` of the Containerfile with the network off, so the wheels are installed offline.
 
-mmdebstrap, podman and runc are installed from Debian's packages when missing (tools/debian.py); podman runs
+mmdebstrap, podman, runc and catatonit are installed from Debian's packages when missing (tools/debian.py); podman runs
 with the project's own container/containers.conf (`podman_env()`), never the system's configuration.
 """
 
@@ -56,8 +56,10 @@ def podman_env() -> dict[str, str]:
 
 
 def podman() -> str:
-    """The podman command, with the runtime the project's containers.conf names (installed when missing)."""
+    """The podman command, with the runtime the project's containers.conf names and the init of a pod's infra
+    container (a podman Recommends that --no-install-recommends leaves out), each installed when missing."""
     ensure_command("runc", "runc")
+    ensure_command("catatonit", "catatonit")
     return ensure_command("podman", "podman")
 
 

@@ -24,13 +24,15 @@ from tabserve_server.errors import ModelLoadError
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """A verifier outlives no server: the kernel kills it when the process that started it dies."""
+def _die_with_parent(parent_pid: int) -> None:
+    """A verifier outlives no server: the kernel kills it when the process that started it dies. `parent_pid`
+    (0: unknown) catches a parent that died before that was set; it is compared, never assumed to be 1 when the
+    parent is gone: in a container the server itself is PID 1."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return  # not Linux: the caller's time limit still bounds it
-    if os.getppid() == 1:
+    if parent_pid and os.getppid() != parent_pid:
         sys.exit(1)
 
 
@@ -40,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="names the model in messages (default: the directory)")
     parser.add_argument("--allow-pyfunc", action="store_true")
     parser.add_argument("--max-model-bytes", type=int, default=2**62)
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit at once unless this is still the parent")
     args = parser.parse_args(argv)
-    _die_with_parent()
+    _die_with_parent(args.parent_pid)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         checked = check(args.directory, args.label or str(args.directory), allow_pyfunc=args.allow_pyfunc,

@@ -38,7 +38,7 @@ class Verdict:
 def verify(directory: Path, label: str, limits: VerifyLimits) -> Verdict:
     """Check the model in `directory` in a fresh process; raise ModelLoadError (VerifierFailed: it died) if unfit."""
     command = [sys.executable, "-m", "tabserve_server.core.verify", str(directory), "--label", label,
-               "--max-model-bytes", str(limits.max_model_bytes)]
+               "--max-model-bytes", str(limits.max_model_bytes), "--parent-pid", str(os.getpid())]
     if limits.allow_pyfunc:
         command.append("--allow-pyfunc")
     # One OpenMP thread: the warm-up rows are few, and the serving process keeps the cores.
