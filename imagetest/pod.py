@@ -1,10 +1,10 @@
 """deploy/'s rendered Deployment made playable by `podman kube play` on this machine, and the podman calls of
 `make image-test`.
 
-The podman patch (`podman_manifests`): one replica on the host network (no port mappings), the local image never pulled, every
-listen address on 127.0.0.1 at free ports, the registry on loopback, the Secrets and the cache and decision-log
-volumes as host directories. Everything else of the Deployment (commands, settings, security context with the
-read-only root filesystem, uid 10001, grace period) is played as rendered.
+The podman patch (`podman_manifests`): one replica on the host network (no port mappings), the local image never
+pulled, every listen address on 127.0.0.1 at free ports, the registry on loopback, the Secrets and the cache and
+decision-log volumes as host directories. Everything else of the Deployment (commands, settings, the security
+context with its read-only root filesystem and uid 10001, the grace period) is played as rendered.
 """
 
 from __future__ import annotations
@@ -100,14 +100,11 @@ def _patch_deployment(deployment: Manifest, ports: Ports, host_dirs: dict[str, P
         # podman publishes container ports, which the host network refuses (and does not need)
         container.pop("ports", None)
         container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] not in DROPPED_VOLUMES]
-    volumes = []
-    for volume in pod["volumes"]:
-        if volume["name"] in DROPPED_VOLUMES:
-            continue
-        if volume["name"] in HOST_VOLUMES:
-            volume = {"name": volume["name"], "hostPath": {"path": str(host_dirs[volume["name"]]), "type": "Directory"}}
-        volumes.append(volume)
-    pod["volumes"] = volumes
+    pod["volumes"] = [
+        {"name": v["name"], "hostPath": {"path": str(host_dirs[v["name"]]), "type": "Directory"}}
+        if v["name"] in HOST_VOLUMES else v
+        for v in pod["volumes"] if v["name"] not in DROPPED_VOLUMES
+    ]
 
 
 def write_kube_file(path: Path, manifests: list[Manifest]) -> Path:

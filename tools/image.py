@@ -115,7 +115,7 @@ def check_python(podman_cmd: str) -> None:
         [podman_cmd, "run", "--rm", "--network", "none", BASE_IMAGE, "python3", "-c",
          "import sys; print('%d.%d.%d' % sys.version_info[:3])"], capture=True,
     ).strip()
-    host = "%d.%d" % sys.version_info[:2]
+    host = "{}.{}".format(*sys.version_info[:2])
     if version not in SpecifierSet(requires) or not version.startswith(host + "."):
         raise SystemExit(f"the base's Python {version} must satisfy {requires} and be {host}.x like the host's")
 
