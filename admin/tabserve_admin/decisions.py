@@ -20,7 +20,7 @@ from tabserve_common.settings import SettingsError
 from tabserve_server.decisions.verify import Report, Unreadable, verify_directory
 
 # Modules of this package adding sub-commands to `decisions` (e.g. replay).
-SUBCOMMANDS: Final[tuple[str, ...]] = ()
+SUBCOMMANDS: Final[tuple[str, ...]] = ("decisions_replay",)
 
 
 def register(commands: Any) -> None:

@@ -3,7 +3,9 @@
 Listeners (secured as listeners.py says): the public port (scoring API, V2, health, reflection), the
 optional plaintext health port (grpc.health.v1 only), the control port and the Prometheus endpoint.
 Health is NOT_SERVING until the first model is loaded, SERVING after, and NOT_SERVING again from the
-moment shutdown starts; the health port answers from the same health servicer.
+moment shutdown starts; the health port answers from the same health servicer. The process's decision log
+(decisions/) gets a record of every answered scoring call through the data plane, and is flushed and closed
+once the public listener has drained at shutdown.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.core.loading import LoaderConfig, ModelLoader, model_name_from_uri
 from tabserve_server.core.manager import LoadState, ModelManager
 from tabserve_server.core.model import AspiredVersion, LoadedModel
+from tabserve_server.decisions.log import open_decision_log
+from tabserve_server.decisions.record import DecisionRecorder, RecordBuilder
 from tabserve_server.listeners import control_tls, public_tls, start_metrics_server
 from tabserve_server.metrics import ServerMetrics
 from tabserve_server.settings import ServerSettings
@@ -43,6 +47,10 @@ from tabserve_server.transport.tls import bind
 log = logging.getLogger(__name__)
 
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"].full_name
+# The file set of a process that is not one of several workers (the supervisor's workers are worker-<index>).
+SINGLE_WORKER = "worker-0"
+# Longest a stop waits for the decision log to write what is queued (a stuck disk must not hang the stop).
+DECISION_LOG_CLOSE_SECONDS = 30.0
 
 
 def loader_config(settings: ServerSettings) -> LoaderConfig:
@@ -63,7 +71,8 @@ class ServingApp:
     """One server process. `start()` binds every listener and begins loading; `stop()` drains.
 
     `supervised`: a worker of a multi-worker server (the supervisor package): the public port is shared
-    (SO_REUSEPORT) and nothing is loaded until the supervisor states the aspired version.
+    (SO_REUSEPORT) and nothing is loaded until the supervisor states the aspired version. `worker` names the
+    process's decision log file set.
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class ServingApp:
         loader: ModelLoader | None = None,
         registry: CollectorRegistry | None = None,
         supervised: bool = False,
+        worker: str = SINGLE_WORKER,
     ) -> None:
         self.settings = settings
         self.supervised = supervised
@@ -84,7 +94,11 @@ class ServingApp:
             retry_initial_seconds=settings.retry_initial_seconds,
             retry_max_seconds=settings.retry_max_seconds,
         )
-        self.dataplane = DataPlane(self.manager, settings.max_rows, self.metrics.observe_scores)
+        self.decisions = open_decision_log(settings, worker, self.metrics.decision_log)
+        recorder = None if self.decisions is None else DecisionRecorder(
+            self.decisions, RecordBuilder(settings.decision_inputs)
+        )
+        self.dataplane = DataPlane(self.manager, settings.max_rows, self.metrics.observe_scores, record=recorder)
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
         )
@@ -196,6 +210,8 @@ class ServingApp:
         self.health.enter_graceful_shutdown()
         if self._public is not None:
             self._public.stop(grace).wait()
+        if self.decisions is not None:  # every answered call has submitted its record by now
+            self.decisions.close(DECISION_LOG_CLOSE_SECONDS)
         for server in (self._health_server, self._control):
             if server is not None:
                 server.stop(0).wait()

@@ -60,7 +60,7 @@ def run_worker(settings: ServerSettings, index: int, conn: Connection) -> None:
         signal.signal(signum, lambda *_: stop.set())
     parent = os.getppid()
     try:
-        app = ServingApp(settings, supervised=True)
+        app = ServingApp(settings, supervised=True, worker=f"worker-{index}")
         app.start()
     except Exception as exc:
         logging.getLogger(__name__).exception("worker %d cannot start", index)
