@@ -8,6 +8,7 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
   serving        project server vs reference servicer, Python generators            bench/serving.py
   h2load         the same, single-row throughput from h2load                         bench/h2load.py
   reload         p99 and failed calls while the version is switched under load       bench/serving.py
+                 and promote-to-served: alias moved → new version served, monitor on   bench/promote.py
   multi-worker   several SO_REUSEPORT workers vs the single-process reference        bench/h2load.py
   mtls           single-row throughput over mutual TLS vs plaintext                  bench/mtls.py
   explain        reasons served vs exact TreeSHAP in process (pred_contrib)          bench/explain.py
@@ -18,6 +19,7 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
 (each returns a dict of the shape in bench/report.py). The exit code is 0 only when every section is "ok".
 
 --quick uses a tiny model and a few calls per figure (the smoke test runs it); its numbers mean nothing.
+--only SECTION (repeatable) runs only those sections (written to bench/.cache/results-only.json unless --out).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compute, explain, h2load, monitor_poll, mtls, overload, reload_memory, serving
-from bench.model import FULL, TINY, bench_rows, ensure_model, registry_for
+from bench import compute, explain, h2load, monitor_poll, mtls, overload, promote, reload_memory, serving
+from bench.model import FULL, TINY, Registry, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown
 from tabserve_demo.processes import ServerProcess
@@ -49,6 +51,9 @@ log = logging.getLogger("bench")
 
 DEFAULT_OUT = REPO / "bench" / "results.json"
 QUICK_OUT = REPO / "bench" / ".cache" / "results-quick.json"
+ONLY_OUT = REPO / "bench" / ".cache" / "results-only.json"
+SECTIONS = ("compute", "serving", "h2load", "reload", "multi-worker", "mtls", "explain", "overload",
+            "monitor-poll", "reload-memory")
 
 
 def _versions() -> dict[str, str]:
@@ -71,6 +76,8 @@ def _git(*args: str) -> str:
 
 def _guarded(name: str, sections: dict[str, dict[str, Any]], body: Callable[[], dict[str, Any]]) -> None:
     """Run one section; a failure is recorded (with its traceback in the log) and the others still run."""
+    if name not in _WANTED:
+        return
     log.info("section %s ...", name)
     started = time.monotonic()
     try:
@@ -81,6 +88,26 @@ def _guarded(name: str, sections: dict[str, dict[str, Any]], body: Callable[[], 
     section["seconds"] = round(time.monotonic() - started, 1)
     sections[name] = section
     log.info("section %s: %s in %.1f s", name, section.get("status"), section["seconds"])
+
+
+_WANTED: set[str] = set(SECTIONS)  # --only narrows it
+
+
+def _reload_and_promote(project: ServerProcess, registry: Registry, rows: Any, quick: bool, workdir: Path
+                        ) -> dict[str, Any]:
+    """The reload section: p99 while versions are switched under load, then promote-to-served with a monitor."""
+    section = serving.run_reload(
+        project.target, control_port=int(project.ports["control_port"]),
+        metrics_port=int(project.ports["metrics_port"]), model_name=registry.model_name,
+        versions=registry.versions, rows=rows, quick=quick,
+    )
+    promoted = promote.run(tracking_uri=registry.tracking_uri, model_name=registry.model_name,
+                           versions=registry.versions, public_target=project.target,
+                           control_target=project.control_target, workdir=workdir, quick=quick)
+    for key in ("figures", "targets", "notes"):
+        section[key] += promoted[key]
+    section["promote_to_served"] = promoted["promote_to_served"]
+    return section
 
 
 def run_all(quick: bool) -> dict[str, Any]:
@@ -114,11 +141,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         _guarded("h2load", sections, lambda: h2load.run(
             h2load.ensure_h2load(), workdir, rows, project=project, reference=reference, quick=quick
         ))
-        _guarded("reload", sections, lambda: serving.run_reload(
-            project_target, control_port=int(project.ports["control_port"]),
-            metrics_port=int(project.ports["metrics_port"]), model_name=registry.model_name,
-            versions=registry.versions, rows=rows, quick=quick,
-        ))
+        _guarded("reload", sections, lambda: _reload_and_promote(project, registry, rows, quick, workdir))
         project.stop()  # the reference stays up for the multi-worker section's alternating rounds
 
         def start_server(name: str, start_timeout: float = 120.0, **overrides: Any) -> ServerProcess:
@@ -173,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"JSON results (default {DEFAULT_OUT.relative_to(REPO)}; "
                              f"--quick: {QUICK_OUT.relative_to(REPO)})")
+    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
+                        help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
     parser.add_argument("--markdown", type=Path, metavar="RESULTS",
                         help="print the tables of an existing results file as Markdown, run nothing")
     args = parser.parse_args(argv)
@@ -181,8 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if args.only:
+        _WANTED.intersection_update(args.only)
     results = run_all(args.quick)
-    out: Path = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    out: Path = args.out or (ONLY_OUT if args.only else QUICK_OUT if args.quick else DEFAULT_OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())

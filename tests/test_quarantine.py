@@ -34,6 +34,7 @@ from tests.support import MODEL_NAME, Server, server_settings, wait_for
 
 DIGEST_CHECK = "digest-check"
 LOAD_TIMEOUT = 10.0  # the shared servers' load_timeout_seconds: far above a verification, short for the hang test
+VERIFIER_NICE = 7
 
 # What the status says for each fault: a crash of the parser in words, or the parser's own refusal.
 EXPECTED = {
@@ -82,7 +83,7 @@ def server(request: pytest.FixtureRequest, tracking_uri: str, tmp_path_factory: 
     """A server serving version 1 from the registry; its cache then holds version 1."""
     cache = tmp_path_factory.mktemp(f"quarantine-cache-{request.param}")
     serving = Server(server_settings(tracking_uri, cache, workers=request.param,
-                                     load_timeout_seconds=LOAD_TIMEOUT))
+                                     load_timeout_seconds=LOAD_TIMEOUT, verifier_nice=VERIFIER_NICE))
     try:
         serving.settle_on("1", timeout=120)
         yield serving
@@ -211,6 +212,10 @@ def test_a_verifier_that_hangs_past_load_timeout_seconds_is_killed_and_the_old_v
     try:
         server.control.set_aspired(aspired_version(str(faults["good"]), name=MODEL_NAME, version=version))
         stopped += _signal_verifiers(_serving_processes(server), per_parent=1, sig=signal.SIGSTOP, timeout=60)
+        for hung in stopped:  # verifier_nice above the process that started it
+            wait_for(lambda h=hung: _stat(h.pid)[16] == str(min(19, int(_stat(h.parent)[16]) + VERIFIER_NICE)),
+                     timeout=5,
+                     what="the verifier at its lower priority")
         status = wait_for(lambda: "ran past load_timeout_seconds" in (s := server.status()).last_error and s,
                           timeout=LOAD_TIMEOUT + 30, interval=0.1, what="the hung verifier killed")
         failed_after = time.clock_gettime(time.CLOCK_BOOTTIME) - stopped[0].started
@@ -304,17 +309,20 @@ def _processes() -> dict[int, tuple[int, bytes]]:
         if not entry.name.isdigit():
             continue
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            found[int(entry.name)] = (parent, (entry / "cmdline").read_bytes())
+            found[int(entry.name)] = (int(_stat(int(entry.name))[1]), (entry / "cmdline").read_bytes())
         except OSError:
             continue
     return found
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat from its third field (state) on: [16] is the niceness, [19] the start time in ticks."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _started(pid: int) -> float:
     """When `pid` started, in CLOCK_BOOTTIME seconds (the kernel's start time, to its clock tick)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return int(_stat(pid)[19]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

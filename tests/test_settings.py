@@ -47,6 +47,7 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "max_connection_age_grace_seconds", "-0.5", "must be >= 0 and <= 2147483, got -0.5"),
     (ServerSettings, "load_timeout_seconds", "0", "must be > 0, got 0.0"),
     (ServerSettings, "max_model_bytes", "0", "must be >= 1, got 0"),
+    (ServerSettings, "verifier_nice", "20", "must be >= 0 and <= 19, got 20"),
     (ServerSettings, "default_threshold", "1.5", "must be >= 0 and <= 1, got 1.5"),
     (ServerSettings, "default_threshold", "-0.1", "must be >= 0 and <= 1, got -0.1"),
     (ServerSettings, "default_threshold", "nan", "must be a finite number, got nan"),

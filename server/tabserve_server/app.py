@@ -64,6 +64,7 @@ def loader_config(settings: ServerSettings) -> LoaderConfig:
         registry_timeout_seconds=settings.registry_timeout_seconds,
         load_timeout_seconds=settings.load_timeout_seconds,
         max_model_bytes=settings.max_model_bytes,
+        verifier_nice=settings.verifier_nice,
     )
 
 

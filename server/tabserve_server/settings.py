@@ -135,6 +135,11 @@ class ServerSettings(Settings):
     load_timeout_seconds: float = setting(
         120.0, "Wall-clock limit of verifying one model version in its own process; past it, a failed load.", above=0
     )
+    verifier_nice: int = setting(
+        0, "Niceness the verifier process adds to the server's (0-19), so request threads win the cores while it "
+        "checks a new version; no gain measured on a loaded 2-core machine (docs/performance.md).",
+        minimum=0, maximum=19,
+    )
     max_model_bytes: int = setting(
         2**30, "Largest model file (MLmodel, LightGBM model) accepted; a larger one is refused before parsing.",
         minimum=1,

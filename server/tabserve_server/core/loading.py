@@ -57,6 +57,7 @@ class LoaderConfig:
     registry_timeout_seconds: float
     load_timeout_seconds: float
     max_model_bytes: int
+    verifier_nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ class ModelLoader:
     def __init__(self, config: LoaderConfig) -> None:
         self.config = config
         self.cache = ModelCache(config.cache_dir)
-        self.limits = VerifyLimits(config.load_timeout_seconds, config.max_model_bytes, config.allow_pyfunc)
+        self.limits = VerifyLimits(config.load_timeout_seconds, config.max_model_bytes, config.allow_pyfunc,
+                                   config.verifier_nice)
         self._client: Any = None
 
     @property
