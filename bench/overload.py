@@ -5,7 +5,8 @@ On one project server of its own (production configuration), in order:
 1. peak: h2load, 16 connections x 1 stream, timed (as the h2load section): verified OK calls/s, the peak P;
 2. unloaded: the probe (`PROBES` Python callers, raw stubs, sequential single rows) alone: its p99;
 3. flood: h2load sends 10 x P x `seconds` requests at 10 x P calls/s (`--rps` over `FLOOD_CONNECTIONS`
-   connections of up to `FLOOD_STREAMS` streams each) while the probe keeps calling;
+   connections of up to `FLOOD_STREAMS` streams each) while the probe keeps calling; h2load sends no faster than
+   its open streams are answered, so the rate it reached is reported beside the one asked;
 4. RSS of the server before the flood and `SETTLE_SECONDS` after it.
 
 h2load cannot read gRPC status codes, so the accounting is the server's own: its
@@ -202,7 +203,10 @@ def _report(result: SectionResult, *, peak: float, unloaded_p99: float, flooded:
     unaccounted = sent - ok - refused
     other = {code: n for code, n in answers.codes.items() if code not in ("OK", "UNAVAILABLE")}
     goodput = ok / flooded.seconds if flooded.seconds else float("nan")
-    result.add(f"{label}: offered", "project", H2LOAD, flooded.sent / flooded.seconds, "calls/s", samples=flooded.sent)
+    result.add(f"{label}: offered, asked", "project", H2LOAD, OFFERED * peak, "calls/s")
+    # h2load sends no faster than its open streams are answered: what it reached is the load the server saw.
+    result.add(f"{label}: offered, reached", "project", H2LOAD, flooded.sent / flooded.seconds, "calls/s",
+               samples=flooded.sent)
     result.add(f"{label}: goodput (OK calls/s)", "project", H2LOAD, goodput, "calls/s", samples=int(ok))
     result.add(f"{label}: refused (counted)", "project", H2LOAD, refused, "calls", samples=sent)
     result.add(f"{label}: unaccounted (sent - OK - refused)", "project", H2LOAD, unaccounted, "calls", samples=sent)
