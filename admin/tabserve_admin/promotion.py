@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 from typing import Any
 
 from tabserve_admin import cli
@@ -78,13 +79,21 @@ def _guarded(args: argparse.Namespace, act: Any) -> int:
     return cli.EXIT_OK
 
 
+def _user() -> str:
+    """Who runs the command, from the environment (LOGNAME, USER, ...) or the password database."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # a container user with neither a variable nor a passwd entry
+        return f"uid {os.getuid()}"
+
+
 class _Session:
     """One promote or rollback: the alias as it is now, the history, the verification, the move."""
 
     def __init__(self, args: argparse.Namespace, gate: VersionGate, client: Any) -> None:
         self.name: str = args.name
         self.alias: str = args.alias
-        self.by: str = args.by or getpass.getuser()
+        self.by: str = args.by or _user()
         self.reason: str = args.reason
         self.gate = gate
         self.client = client
