@@ -11,6 +11,7 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
                  and promote-to-served: alias moved → new version served, monitor on   bench/promote.py
   multi-worker   several SO_REUSEPORT workers vs the single-process reference        bench/h2load.py
   mtls           single-row throughput over mutual TLS vs plaintext                  bench/mtls.py
+  decision-log   single-row throughput, decision log on (digest) vs off              bench/decision_log.py
   explain        reasons served vs exact TreeSHAP in process (pred_contrib)          bench/explain.py
   overload       10 x the peak single-row load from h2load: goodput, admitted p99    bench/overload.py
   monitor-poll   monitor per-poll cost, 500 versions vs 1                            bench/monitor_poll.py
@@ -41,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compute, explain, h2load, monitor_poll, mtls, overload, promote, reload_memory, serving
+from bench import compute, decision_log, explain, h2load, monitor_poll, mtls, overload, promote, reload_memory, serving
 from bench.model import FULL, TINY, Registry, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown
@@ -155,6 +156,9 @@ def run_all(quick: bool) -> dict[str, Any]:
             start_server=start_server, wait_serving=wait_serving,
         ))
         _guarded("mtls", sections, lambda: mtls.run(
+            workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+        ))
+        _guarded("decision-log", sections, lambda: decision_log.run(
             workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
         ))
         _guarded("explain", sections, lambda: explain.run(

@@ -11,7 +11,7 @@ the whole path TLS adds, at this generator's rate.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,11 @@ def run(
             process.stop()
 
 
-def _measure(targets: dict[str, tuple[str, TlsOptions | None]], rows: np.ndarray, quick: bool) -> dict[str, Any]:
-    result = SectionResult()
+def single_row_pair(
+    targets: Mapping[str, tuple[str, TlsOptions | None]], rows: np.ndarray, quick: bool
+) -> tuple[dict[str, float], dict[str, int], int]:
+    """Single-row throughput of each target (calls/s), its failed calls and the calls made per target: the same
+    generator (raw stubs, CALLERS threads on one channel per target) loads them in alternating blocks."""
     singles = [np.ascontiguousarray(rows[i : i + 1]) for i in range(len(rows))]
     channels = {name: open_channel(target, (), tls) for name, (target, tls) in targets.items()}
     try:
@@ -73,16 +76,20 @@ def _measure(targets: dict[str, tuple[str, TlsOptions | None]], rows: np.ndarray
                 rate, failures = concurrent_calls(call, singles, per_block, CALLERS)
                 elapsed[name] += per_block / rate
                 failed[name] += failures
-        rates = {name: blocks * per_block / seconds for name, seconds in elapsed.items()}
-        for name, rate in rates.items():
-            result.add(f"single row, {CALLERS} callers: throughput", name, RAW_STUB, rate, "calls/s",
-                       samples=blocks * per_block)
-        result.targets.append(Target(
-            TARGET, ratio(rates[MTLS], rates[PLAINTEXT]), 0.85, False,
-            f"mutual TLS / plaintext, raw stubs, {CALLERS} callers on one channel each, alternating blocks",
-            extra_ok=not any(failed.values()), detail=f"failed calls: {failed}",
-        ))
     finally:
         for channel in channels.values():
             channel.close()
+    return {name: blocks * per_block / seconds for name, seconds in elapsed.items()}, failed, blocks * per_block
+
+
+def _measure(targets: dict[str, tuple[str, TlsOptions | None]], rows: np.ndarray, quick: bool) -> dict[str, Any]:
+    result = SectionResult()
+    rates, failed, samples = single_row_pair(targets, rows, quick)
+    for name, rate in rates.items():
+        result.add(f"single row, {CALLERS} callers: throughput", name, RAW_STUB, rate, "calls/s", samples=samples)
+    result.targets.append(Target(
+        TARGET, ratio(rates[MTLS], rates[PLAINTEXT]), 0.85, False,
+        f"mutual TLS / plaintext, raw stubs, {CALLERS} callers on one channel each, alternating blocks",
+        extra_ok=not any(failed.values()), detail=f"failed calls: {failed}",
+    ))
     return result.as_dict()

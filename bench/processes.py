@@ -43,6 +43,8 @@ def start_project_server(
         "control_address": "127.0.0.1:0",
         "metrics_address": "127.0.0.1:0",
         "cache_dir": str(workdir / f"{name}-cache"),
+        # On by default in the server: in the work directory, never the repository's.
+        "decision_log_dir": str(workdir / f"{name}-decisions"),
         **overrides,
     }
     return ServerProcess(values, {"PYTHONPATH": python_env()["PYTHONPATH"]}, log_file=workdir / f"{name}.log",

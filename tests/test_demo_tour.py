@@ -40,6 +40,11 @@ def test_demo_tour_end_to_end(tmp_path: Path) -> None:
     reasons = re.findall(r"^ {8}(R\d{3}) +.+? (\w+) = \S+ \(\+\d\.\d{3} log-odds\)$", out, re.M)
     assert re.search(r"applicant #\d+ of 200 more: P\(default\) \S+, decline; principal reasons", out), out
     assert 1 <= len(reasons) <= 4 and all(feature != "age" for _, feature in reasons), out
+    # Its decision log line: the call's record with the declined row, its reasons and the chain fields.
+    assert re.search(r'^ {8}backend: "lightgbm-batch"$', out, re.M), out
+    assert re.search(r'^ {8}hash: "[0-9a-f]{64}"$', out, re.M), out
+    shown = re.search(r"^ {8}rows\[(\d+)\] of 200 \(applicant #\d+\): (.+)$", out, re.M)
+    assert shown and '"decision": true' in shown.group(2) and '"R' in shown.group(2), out
     # The hot reload: version 1 to 2, timed from the alias move, without failed calls.
     switch = re.search(r"switched: version 1 -> version 2, first response from version 2 ([\d.]+)s after", out)
     assert switch, out
@@ -53,6 +58,9 @@ def test_demo_tour_end_to_end(tmp_path: Path) -> None:
     assert last_error and "missing" in last_error.group(1), out
     assert "settled after" in out
     assert "monitor exited 0" in out and "server exited 0" in out
+    # The decision log verified after the stop: one set, intact, closed.
+    assert re.search(r"^ {8}worker-0: 1 file\(s\), \d+ record\(s\) checked, \d+ decision\(s\), closed$", out, re.M), out
+    assert "decision log: intact" in out
     assert out.rstrip().endswith("OK")
     # An explicit data dir is kept, with the logs of both processes.
     assert (data_dir / "mlflow.db").is_file()

@@ -1,9 +1,10 @@
 """`make demo`: a scripted tour of tabserve, from an empty directory to a hot reload and a refused broken version.
 
 Bootstraps a SQLite MLflow registry with the demo model, starts the server and the monitor sidecar as child
-processes on free loopback ports, scores applicants (and shows one declined applicant's reasons), promotes
+processes on free loopback ports, scores applicants (and shows one declined applicant's reasons and its
+decision log line), promotes
 a new version (and times the switch), promotes a broken version (and shows the server keeping the good one),
-rolls back, and stops both. Every wait is
+rolls back, stops both and verifies the decision log's chain. Every wait is
 bounded; any failed step ends the tour with a non-zero exit code and the tail of the process logs.
 """
 
@@ -27,6 +28,7 @@ from typing import Any, Final
 from tabserve.control.v1 import control_pb2
 from tabserve_client import ControlClient, ControlError, ScoringClient, ScoringError
 from tabserve_demo.processes import ChildProcess, MonitorProcess, ServerProcess
+from tabserve_demo.tour_decisions import show_decision_record, verify_decision_log
 from tabserve_demo.tour_output import STEPS, TourError, detail, metric_or_none, say, step, wait_until
 from tabserve_demo.tour_reasons import show_declined_applicant
 
@@ -54,6 +56,10 @@ class Tour:
     control: ControlClient | None = None
     good: str = ""
     new: str = ""
+
+    @property
+    def decision_log(self) -> Path:
+        return self.data_dir / "logs" / "decisions"
 
     def run(self) -> None:
         # Set before lightgbm is imported: OpenMP threads that spin while waiting make training many times
@@ -119,7 +125,8 @@ class Tour:
                f"else {info.negative_label})")
         if batch.model_version != self.good:
             raise TourError(f"expected version {self.good} to answer, got {batch.model_version}")
-        show_declined_applicant(client)
+        request_id, row = show_declined_applicant(client)
+        show_decision_record(self.decision_log, request_id, row)
 
     def _train_step(self) -> None:
         from tabserve_demo.registration import register_demo_version
@@ -216,7 +223,7 @@ class Tour:
                "the failed load is cleared")
 
     def _stop_step(self, server: ChildProcess, monitor: ChildProcess) -> None:
-        self._step(8, "Stop the monitor and the server (SIGTERM)")
+        self._step(8, "Stop the monitor and the server (SIGTERM), verify the decision log")
         for child in (monitor, server):
             started = time.monotonic()
             try:
@@ -227,6 +234,7 @@ class Tour:
             if code != 0:
                 raise TourError(f"the {child.name} exited with code {code} (log: {child.log_file})")
             detail(f"{child.name} exited 0 after {time.monotonic() - started:.1f}s")
+        self.summary.append(f"decision log: {verify_decision_log(self.decision_log)}")
 
     # --- helpers -------------------------------------------------------------------------------------
 
@@ -267,6 +275,7 @@ class Tour:
         from tabserve_demo.embedded import embedded_paths
 
         logs = self.data_dir / "logs"
+        shutil.rmtree(self.decision_log, ignore_errors=True)  # each tour verifies the log of its own server
         server = ServerProcess({
             "model_uri": f"models:/{MODEL_NAME}@{ALIAS}",
             "tracking_uri": tracking_uri,
@@ -277,6 +286,7 @@ class Tour:
             "retry_initial_seconds": 1.0,
             "retry_max_seconds": 10.0,
             "shutdown_grace_seconds": 5.0,
+            "decision_log_dir": str(self.decision_log),
         }, log_file=logs / "server.log", start_timeout=START_TIMEOUT_S)
         self.children.append(server)
         detail(f"server   public {server.target}  control {server.control_target}  "

@@ -10,8 +10,9 @@ from tabserve_demo.tour_output import TourError, detail
 APPLICANTS = 200  # enough for several declined ones at the demo's ~8 % default rate
 
 
-def show_declined_applicant(client: ScoringClient) -> None:
-    """Score applicants with explanations and print the first declined one with its reasons."""
+def show_declined_applicant(client: ScoringClient) -> tuple[str, int]:
+    """Score applicants with explanations and print the first declined one with its reasons; the call's request id
+    and the declined row."""
     rows = make_applicants(APPLICANTS, seed=2025)[0]
     try:
         batch = client.score(rows, explain=True)
@@ -29,6 +30,7 @@ def show_declined_applicant(client: ScoringClient) -> None:
                f"({reason.contribution:+.3f} log-odds)")
     if not info.has_reason_table or any(r.feature in EXCLUDED or not r.code for r in reasons):
         raise TourError(f"expected coded reasons without {EXCLUDED}, got {reasons}")
+    return batch.request_id, row
 
 
 __all__ = ["show_declined_applicant"]

@@ -66,7 +66,10 @@ class RecentRequestIds:
         self._lock = threading.Lock()
 
     def seen(self, request_id: str) -> bool:
-        """Whether `request_id` was seen before (among the remembered ones); remembers it either way."""
+        """Whether `request_id` was seen before (among the remembered ones); remembers it either way. A call
+        without an id (a caller of the data plane other than a transport) is never a repeat."""
+        if not request_id:
+            return False
         with self._lock:
             if request_id in self._ids:
                 self._ids.move_to_end(request_id)
