@@ -33,7 +33,7 @@ def _pairs(items: Sequence[str]) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs.items()}
 
 
-def _summary(section: dict[str, Any]) -> dict[str, float]:
+def _summary(section: dict[str, Any]) -> dict[str, Any]:
     figures = {f["label"]: f["value"] for f in section["figures"]}
     target = section["targets"][0]
     return {
@@ -42,6 +42,7 @@ def _summary(section: dict[str, Any]) -> dict[str, float]:
         "ratio": target["ratio"],
         "failed": figures["failed calls (client side)"] + figures["failed calls (server metrics, non-OK Score)"],
         "reload_seconds": figures["reload time (SetAspiredVersion to swapped), mean"],
+        "notes": section["notes"],  # the first failed calls' status codes and details, when any failed
     }
 
 
@@ -50,7 +51,7 @@ def run(base: dict[str, str], lever: dict[str, str], rounds: int, quick: bool) -
     registry = registry_for(model)
     rows = bench_rows(1000 if quick else 5000)
     sides = {"base": base, "lever": {**base, **lever}}
-    measured: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tabserve-levers-") as tmp:
         servers = {name: start_project_server(registry.tracking_uri, f"models:/{registry.model_name}@production",
