@@ -11,6 +11,8 @@ import contextlib
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ from tabserve_server.core.loading import DIGEST_TAG
 from tabserve_server.core.verify import VerifyLimits, verify
 from tabserve_server.errors import ModelLoadError, VerifierFailed
 from tests.corrupt import FAULTS, corrupted_copy
-from tests.support import MODEL_NAME, Server, server_settings, wait_for
+from tests.support import MODEL_NAME, Server, required_command, server_settings, wait_for
 
 DIGEST_CHECK = "digest-check"
 LOAD_TIMEOUT = 10.0  # the shared servers' load_timeout_seconds: far above a verification, short for the hang test
@@ -293,6 +295,17 @@ def test_a_verifier_killed_mid_load_is_a_crash_in_words(faults: dict[str, Path])
 def test_a_model_file_over_max_model_bytes_is_refused_unread(faults: dict[str, Path]) -> None:
     with pytest.raises(ModelLoadError, match=r"model.lgb is \d+ bytes, more than max_model_bytes \(100000\)"):
         verify(faults["good"], "good", VerifyLimits(60, 100_000, False))
+
+
+def test_a_server_that_is_pid_1_gets_its_verdict(faults: dict[str, Path]) -> None:
+    """In a container the server is PID 1 (Kubernetes runs the command as the container's first process): its
+    verifier must not take a parent whose pid is 1 for a dead one (every load failed so in the image)."""
+    unshare = required_command("unshare", "util-linux")
+    code = ("import os, sys; from pathlib import Path; from tabserve_server.core.verify import VerifyLimits, verify; "
+            "assert os.getpid() == 1; print(verify(Path(sys.argv[1]), 'good', VerifyLimits(60, 2**30, False)).flavor)")
+    done = subprocess.run([unshare, "--pid", "--fork", "--kill-child", sys.executable, "-c", code, str(faults["good"])],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "lightgbm"), done.stderr[-2000:]
 
 
 def _verifiers(parents: set[int] | None = None) -> list[int]:
