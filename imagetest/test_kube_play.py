@@ -3,13 +3,16 @@
 A real `mlflow server` on 127.0.0.1 holds the demo model; the pod (server + monitor, read-only root filesystem,
 uid 10001) runs on the host network with its Secrets and volumes as host directories (imagetest/pod.py). Scored
 over mutual TLS, both /metrics scraped, a version promoted and served, then the pod is stopped while calls are in
-flight: they finish, and the server exits 0. Needs root and a few minutes; not part of `make test`.
+flight: they finish, the server exits 0, and its decision log (on its volume) verifies. Needs root and a few minutes; not part of `make test`.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -219,7 +222,8 @@ def _logged_at(log: str, message: str) -> float:
 
 def test_stop_drains_in_flight_calls(pod: Pod) -> None:
     """`podman pod stop` (SIGTERM, then the grace period): the calls the server was running finish after the
-    SIGTERM, a call it had not taken yet is refused UNAVAILABLE (retryable elsewhere), both containers exit 0."""
+    SIGTERM, a call it had not taken yet is refused UNAVAILABLE (retryable elsewhere), both containers exit 0, and
+    the decision log on its volume is closed and verifies."""
     wait_for(lambda: _served_version(pod) != "", timeout=240, interval=1, what="a version served by the pod")
     stop = threading.Event()
     calls: list[list[Call]] = [[] for _ in range(3)]
@@ -242,3 +246,12 @@ def test_stop_drains_in_flight_calls(pod: Pod) -> None:
     assert "stopped" in log.split("shutting down: draining", 1)[1]
     assert inspect(SERVER_CONTAINER, "{{.State.ExitCode}}") == "0"
     assert inspect(MONITOR_CONTAINER, "{{.State.ExitCode}}") == "0"
+    # The decision log (deploy/ turns it on), written to its volume under the read-only root and closed by the
+    # drain: every answered call is in it, and its chain verifies.
+    verified = subprocess.run(
+        [sys.executable, "-m", "tabserve_admin", "decisions", "verify", "--json", str(pod.host_dirs["decisions"])],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    sets = json.loads(verified.stdout)["sets"]
+    assert sum(s["decisions"] for s in sets) > 0 and not any(s["live"] for s in sets), sets  # closed: a close record
