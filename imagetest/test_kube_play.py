@@ -3,7 +3,8 @@
 A real `mlflow server` on 127.0.0.1 holds the demo model; the pod (server + monitor, read-only root filesystem,
 uid 10001) runs on the host network with its Secrets and volumes as host directories (imagetest/pod.py). Scored
 over mutual TLS, both /metrics scraped, a version promoted and served, then the pod is stopped while calls are in
-flight: they finish, the server exits 0, and its decision log (on its volume) verifies. Needs root and a few minutes; not part of `make test`.
+flight: they finish, the server exits 0, and its decision log (on its volume) verifies. Needs root and a few
+minutes; not part of `make test`.
 """
 
 from __future__ import annotations
