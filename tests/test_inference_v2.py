@@ -135,9 +135,9 @@ def save(tmp_path: Path, name: str, matrix: np.ndarray) -> str:
     return str(path)
 
 
-def matrix_input(npy: str, datatype: str = "FP64", **extra: Any) -> dict[str, Any]:
+def matrix_input(npy: str, datatype: str = "FP64", name: str = "input", **extra: Any) -> dict[str, Any]:
     np_dtype = {"FP64": "float64", "FP32": "float32", "INT64": "int64"}[datatype]
-    return {"name": "input", "npy": npy, "datatype": datatype, "np_dtype": np_dtype, **extra}
+    return {"name": name, "npy": npy, "datatype": datatype, "np_dtype": np_dtype, **extra}
 
 
 def decoded(output: dict[str, Any]) -> np.ndarray:
@@ -223,6 +223,46 @@ def test_infer_fp32_and_per_feature_tensors(triton: Any, client: ScoringClient, 
     np.testing.assert_array_equal(decoded(cols_1d["value"]["outputs"]["score"]), client.score(as_fp32).scores)
     np.testing.assert_array_equal(decoded(cols_2d["value"]["outputs"]["score"]), client.score(matrix).scores)
     assert list(only_score["value"]["outputs"]) == ["score"]
+
+
+def test_a_single_matrix_under_any_name_while_metadata_advertises_input(
+    triton: Any, client: ScoringClient, tmp_path: Path
+) -> None:
+    """MLServer clients send the matrix as `input-0`: a drop-in replacement scores it; metadata still says `input`."""
+    matrix = rows(40, seed=8)
+    npy = save(tmp_path, "m", matrix)
+    mlserver, fp32_other, meta = triton([
+        infer_op([matrix_input(npy, name="input-0")]),
+        infer_op([matrix_input(npy, "FP32", name="features")]),
+        {"op": "metadata", "name": MODEL_NAME},
+    ])
+    assert mlserver["ok"], mlserver
+    np.testing.assert_array_equal(decoded(mlserver["value"]["outputs"]["score"]), client.score(matrix).scores)
+    as_fp32 = matrix.astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(decoded(fp32_other["value"]["outputs"]["score"]), client.score(as_fp32).scores)
+    assert [t["name"] for t in meta["value"]["inputs"]] == ["input"]
+
+
+def test_tensors_in_neither_form_are_refused_naming_both_forms(triton: Any, tmp_path: Path) -> None:
+    matrix = rows(3)
+    npy = save(tmp_path, "m", matrix)
+    width = len(FEATURE_NAMES)
+    both_forms = ("one tensor per feature, named as the feature", f"a single tensor of shape [rows, {width}]")
+    two_matrices, two_unknown_columns, matrix_and_feature, one_column = triton([
+        infer_op([matrix_input(npy, name="input-0"), matrix_input(npy, name="input-1")]),
+        infer_op([
+            {"name": f"col-{i}", "npy": npy, "column": i, "datatype": "FP64", "np_dtype": "float64"} for i in range(2)
+        ]),
+        infer_op([
+            matrix_input(npy, name="input-0"),
+            {"name": FEATURE_NAMES[0], "npy": npy, "column": 0, "datatype": "FP64", "np_dtype": "float64"},
+        ]),
+        infer_op([{"name": "input-0", "npy": npy, "column": 0, "datatype": "FP64", "np_dtype": "float64"}]),
+    ])
+    assert_invalid(two_matrices, "'input-0'", *both_forms)
+    assert_invalid(two_unknown_columns, "'col-0'", *both_forms)
+    assert_invalid(matrix_and_feature, "'input-0'", *both_forms)
+    assert_invalid(one_column, "'input-0'", "[3]", *both_forms)
 
 
 def test_invalid_tensors_are_invalid_argument_naming_the_tensor(triton: Any, tmp_path: Path) -> None:

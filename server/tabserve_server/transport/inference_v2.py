@@ -4,9 +4,11 @@ Decodes tensors into a `RowBatch` and encodes the `ScoreResult`; validation, lim
 threshold all stay in the data plane. Every malformed request raises a core error (the Edge maps it).
 
 Tensors the model accepts (FP64 or FP32, as `raw_input_contents` little-endian or as typed contents):
-- one tensor named `input`, shape `[rows, features]`, row-major, features in the model's order; or
+- a single tensor under any name that is not a feature's (ModelMetadata advertises `input`; MLServer clients
+  send `input-0`), shape `[rows, features]`, row-major, features in the model's order; or
 - one tensor per feature, named as the feature, shape `[rows]` or `[rows, 1]` (not listed in the
   metadata, which advertises the `input` form only).
+Anything else (two tensors that are not features, a feature given twice) is refused naming both forms.
 Outputs: `score` (FP64 `[rows]`) and `decision` (BOOL `[rows]`: score >= threshold), always as
 `raw_output_contents`. ModelMetadata's `parameters` name the version's decision labels (what true and false mean),
 the adverse one, and whether the version has a reason table. Reason codes: request parameters and extra
@@ -89,7 +91,7 @@ def _decode_tensor(tensor: Any, raw: bytes | None) -> np.ndarray:
 
 
 def decode_inputs(request: Any, model: LoadedModel) -> RowBatch:
-    """The request's tensors as a RowBatch: one `input` matrix, or one column per feature."""
+    """The request's tensors as a RowBatch: a single feature matrix under any name, or one column per feature."""
     tensors = list(request.inputs)
     if not tensors:
         raise InvalidInput("empty request: no input tensors")
@@ -97,23 +99,42 @@ def decode_inputs(request: Any, model: LoadedModel) -> RowBatch:
     if raw and len(raw) != len(tensors):
         raise InvalidInput(f"{len(raw)} raw_input_contents for {len(tensors)} input tensors")
     arrays = [_decode_tensor(t, raw[i] if raw else None) for i, t in enumerate(tensors)]
-    width = len(model.schema)
-    if len(tensors) == 1 and tensors[0].name == MATRIX_INPUT and MATRIX_INPUT not in model.schema.names:
-        matrix = arrays[0]
-        if matrix.ndim != 2 or matrix.shape[1] != width:
-            raise InvalidInput(
-                f"input tensor {MATRIX_INPUT!r}: shape {list(matrix.shape)}, expected [rows, {width}] "
-                f"(features in the model's order)"
-            )
-        return RowBatch(matrix=matrix)
+    names = model.schema.names
+    # A tensor named as a feature is that feature's column; any other single tensor is the matrix, whatever
+    # its name (`input` as ModelMetadata advertises, `input-0` as MLServer clients send).
+    if len(tensors) == 1 and tensors[0].name not in names:
+        return _matrix_batch(tensors[0].name, arrays[0], len(names))
+    return _column_batch(tensors, arrays, names)
+
+
+def _expected_forms(width: int) -> str:
+    return f"one tensor per feature, named as the feature, or a single tensor of shape [rows, {width}]"
+
+
+def _matrix_batch(name: str, matrix: np.ndarray, width: int) -> RowBatch:
+    if matrix.ndim != 2 or matrix.shape[1] != width:
+        raise InvalidInput(
+            f"input tensor {name!r}: shape {list(matrix.shape)}, expected [rows, {width}] (features in the model's "
+            f"order); send {_expected_forms(width)}"
+        )
+    return RowBatch(matrix=matrix)
+
+
+def _column_batch(tensors: list[Any], arrays: list[np.ndarray], names: tuple[str, ...]) -> RowBatch:
+    width = len(names)
     columns: dict[str, np.ndarray] = {}
     for tensor, array in zip(tensors, arrays, strict=True):
+        if tensor.name not in names:
+            raise InvalidInput(
+                f"input tensor {tensor.name!r} is not a feature of the model and not the only tensor: "
+                f"send {_expected_forms(width)}"
+            )
         if tensor.name in columns:
             raise InvalidInput(f"input tensor {tensor.name!r} is given twice")
         if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[1] != 1):
             raise InvalidInput(
                 f"input tensor {tensor.name!r}: shape {list(array.shape)}, expected [rows] or [rows, 1] for a "
-                f"per-feature tensor, or one tensor {MATRIX_INPUT!r} of shape [rows, {width}]"
+                f"per-feature tensor; send {_expected_forms(width)}"
             )
         columns[tensor.name] = array.reshape(-1)
     return RowBatch(columns=columns)
