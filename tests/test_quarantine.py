@@ -220,7 +220,7 @@ def test_a_verifier_that_hangs_past_load_timeout_seconds_is_killed_and_the_old_v
                      what="the verifier at its lower priority")
         status = wait_for(lambda: "ran past load_timeout_seconds" in (s := server.status()).last_error and s,
                           timeout=LOAD_TIMEOUT + 30, interval=0.1, what="the hung verifier killed")
-        failed_after = time.clock_gettime(time.CLOCK_BOOTTIME) - stopped[0].started
+        failed_after = time.clock_gettime(time.CLOCK_BOOTTIME) - min(k.started for k in stopped)  # first to fail
         assert f"ran past load_timeout_seconds ({LOAD_TIMEOUT:g} s) while loading" in status.last_error
         assert status.serving.version == "1"
         assert failed_after >= LOAD_TIMEOUT - 0.5, "the verifier was given less than its time limit"
