@@ -10,6 +10,8 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
   reload         p99 and failed calls while the version is switched under load       bench/serving.py
                  and promote-to-served: alias moved → new version served, monitor on   bench/promote.py
   multi-worker   several SO_REUSEPORT workers vs the single-process reference        bench/h2load.py
+  v2             V2 front (production configuration) vs the fast-path V2 reference,  bench/open_inference.py
+                 async Python V2 generator and h2load, alternating rounds
   mtls           single-row throughput over mutual TLS vs plaintext                  bench/mtls.py
   decision-log   single-row throughput, decision log on (digest) vs off              bench/decision_log.py
   explain        reasons served vs exact TreeSHAP in process (pred_contrib)          bench/explain.py
@@ -42,7 +44,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compute, decision_log, explain, h2load, monitor_poll, mtls, overload, promote, reload_memory, serving
+from bench import (
+    compute,
+    decision_log,
+    explain,
+    h2load,
+    monitor_poll,
+    mtls,
+    open_inference,
+    overload,
+    promote,
+    reload_memory,
+    serving,
+)
 from bench.model import FULL, TINY, Registry, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown
@@ -53,7 +67,7 @@ log = logging.getLogger("bench")
 DEFAULT_OUT = REPO / "bench" / "results.json"
 QUICK_OUT = REPO / "bench" / ".cache" / "results-quick.json"
 ONLY_OUT = REPO / "bench" / ".cache" / "results-only.json"
-SECTIONS = ("compute", "serving", "h2load", "reload", "multi-worker", "mtls", "explain", "overload",
+SECTIONS = ("compute", "serving", "h2load", "reload", "multi-worker", "v2", "mtls", "explain", "overload",
             "monitor-poll", "reload-memory")
 
 
@@ -153,6 +167,10 @@ def run_all(quick: bool) -> dict[str, Any]:
 
         _guarded("multi-worker", sections, lambda: h2load.run_multi_worker(
             h2load.ensure_h2load(), workdir, rows, reference=reference, quick=quick,
+            start_server=start_server, wait_serving=wait_serving,
+        ))
+        _guarded("v2", sections, lambda: open_inference.run(
+            h2load.ensure_h2load(), workdir, rows, model_name=registry.model_name, reference=reference, quick=quick,
             start_server=start_server, wait_serving=wait_serving,
         ))
         _guarded("mtls", sections, lambda: mtls.run(

@@ -55,8 +55,9 @@ def ensure_h2load() -> str:
     return ensure_command("h2load", "nghttp2-client")
 
 
-def write_body(path: Path, rows: np.ndarray) -> Path:
-    message = score_request(rows).SerializeToString()
+def write_body(path: Path, rows: np.ndarray, request: Any = None) -> Path:
+    """A length-prefixed gRPC message: `request`, by default the single-row ScoreRequest of `rows`."""
+    message = (score_request(rows) if request is None else request).SerializeToString()
     path.write_bytes(struct.pack(">?I", False, len(message)) + message)
     return path
 
@@ -66,8 +67,8 @@ def reference_ok_count(child: ChildProcess) -> int:
     return int(child.read_event("count", 10.0)["ok"])
 
 
-def project_ok_count(metrics_port: int) -> int:
-    return int(score_calls_by_code(metrics_port).get("OK", 0.0))
+def project_ok_count(metrics_port: int, method: str = SCORE_METHOD) -> int:
+    return int(score_calls_by_code(metrics_port, method).get("OK", 0.0))
 
 
 _COUNTS = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
@@ -88,7 +89,7 @@ def run_h2load(args: list[str]) -> tuple[float, dict[str, int]]:
 
 def h2load(
     binary: str, port: int, body: Path, *, log_file: Path, ok_count: Callable[[], int], requests: int = 0,
-    seconds: int = 0,
+    seconds: int = 0, method: str = SCORE_METHOD,
 ) -> H2Run:
     """`requests` calls split evenly over the connections, or (`seconds`) every connection busy for that long.
 
@@ -96,7 +97,7 @@ def h2load(
     SO_REUSEPORT gives one worker more connections than the other, the other idles once its share is done
     and the run measures the busiest worker, not the server.
     """
-    url = f"http://127.0.0.1:{port}/{SCORE_METHOD}"
+    url = f"http://127.0.0.1:{port}/{method}"
     amount = ["-D", str(seconds)] if seconds else ["-n", str(requests)]
     args = [
         binary, *amount, "-c", str(CONNECTIONS), "-m", "1", "-t", "1", "-d", str(body),
@@ -117,7 +118,8 @@ def h2load(
     )
 
 
-def _add_runs(result: SectionResult, server: str, label: str, runs: list[H2Run]) -> float:
+def add_runs(result: SectionResult, server: str, label: str, runs: list[H2Run]) -> float:
+    """The figures of one server's runs (throughput, p50, p99, failed calls); returns the throughput."""
     total_ok = sum(min(r.grpc_ok, r.http_ok) for r in runs)
     seconds = sum(r.seconds for r in runs)
     requests = sum(r.requests for r in runs)
@@ -130,28 +132,40 @@ def _add_runs(result: SectionResult, server: str, label: str, runs: list[H2Run])
     return rate
 
 
+Servers = dict[str, tuple[int, Callable[[], int]]]  # name -> (port, count of calls answered OK)
+
+
+def alternate(
+    binary: str, workdir: Path, body: Path, servers: Servers, *, seconds: int, rounds: int, tag: str,
+    method: str = SCORE_METHOD,
+) -> dict[str, list[H2Run]]:
+    """A 200-call warm-up per server, then `rounds` timed runs each, alternating (drift hits all alike)."""
+    runs: dict[str, list[H2Run]] = {name: [] for name in servers}
+    for i, (port, count) in enumerate(servers.values()):
+        h2load(binary, port, body, requests=200, log_file=workdir / f"h2load-{tag}-{i}-warmup.log", ok_count=count,
+               method=method)
+    for r in range(rounds):
+        for i, (name, (port, count)) in enumerate(servers.items()):
+            log_file = workdir / f"h2load-{tag}-{i}-{r}.log"
+            runs[name].append(h2load(binary, port, body, seconds=seconds, log_file=log_file, ok_count=count,
+                                     method=method))
+    return runs
+
+
 def run(
     binary: str, workdir: Path, rows: np.ndarray, *, project: ChildProcess, reference: ChildProcess, quick: bool
 ) -> dict[str, Any]:
     """Single-row throughput of the project vs the reference under h2load, in alternating rounds."""
     result = SectionResult()
     body = write_body(workdir / "score-1row.grpc", rows[:1])
-    seconds = 1 if quick else 10
-    rounds = 1 if quick else 2
     metrics_port = int(project.ports["metrics_port"])
-    servers: dict[str, tuple[int, Callable[[], int]]] = {
+    servers: Servers = {
         "reference": (int(reference.ports["public_port"]), lambda: reference_ok_count(reference)),
         "project": (int(project.ports["public_port"]), lambda: project_ok_count(metrics_port)),
     }
-    runs: dict[str, list[H2Run]] = {name: [] for name in servers}
-    for name, (port, count) in servers.items():  # warm-up, not measured
-        h2load(binary, port, body, requests=200, log_file=workdir / f"h2load-{name}-warmup.log", ok_count=count)
-    for r in range(rounds):  # alternate, so drift on a shared machine hits both alike
-        for name, (port, count) in servers.items():
-            log_file = workdir / f"h2load-{name}-{r}.log"
-            runs[name].append(h2load(binary, port, body, seconds=seconds, log_file=log_file, ok_count=count))
+    runs = alternate(binary, workdir, body, servers, seconds=1 if quick else 10, rounds=1 if quick else 2, tag="score")
     label = f"single row, {CONNECTIONS} connections"
-    rates = {name: _add_runs(result, name, label, name_runs) for name, name_runs in runs.items()}
+    rates = {name: add_runs(result, name, label, name_runs) for name, name_runs in runs.items()}
     failed = sum(r.failed for r in runs["project"])
     result.targets.append(Target(
         "single-row throughput, one process", ratio(rates["project"], rates["reference"]), 1.0, False,
@@ -178,24 +192,16 @@ def run_multi_worker(
         port = int(server.ports["public_port"])
         wait_serving(f"127.0.0.1:{port}")
         metrics_port = int(server.ports["metrics_port"])
-        servers: dict[str, tuple[int, Callable[[], int]]] = {
+        servers: Servers = {
             "reference": (int(reference.ports["public_port"]), lambda: reference_ok_count(reference)),
             f"project, {workers} workers": (port, lambda: project_ok_count(metrics_port)),
         }
-        for name, (target_port, count) in servers.items():
-            log_file = workdir / f"h2load-mw-{name[:7]}-warmup.log"
-            h2load(binary, target_port, body, requests=200, log_file=log_file, ok_count=count)
-        seconds = 1 if quick else 10
-        runs: dict[str, list[H2Run]] = {name: [] for name in servers}
-        for r in range(1 if quick else 2):
-            for name, (target_port, count) in servers.items():
-                log_file = workdir / f"h2load-mw-{name[:7]}-{r}.log"
-                runs[name].append(h2load(binary, target_port, body, seconds=seconds, log_file=log_file,
-                                         ok_count=count))
+        runs = alternate(binary, workdir, body, servers, seconds=1 if quick else 10, rounds=1 if quick else 2,
+                         tag="mw")
     finally:
         server.stop()
     label = f"single row, {CONNECTIONS} connections"
-    rates = {name: _add_runs(result, name, label, name_runs) for name, name_runs in runs.items()}
+    rates = {name: add_runs(result, name, label, name_runs) for name, name_runs in runs.items()}
     failed = sum(r.failed for name, name_runs in runs.items() if name != "reference" for r in name_runs)
     result.targets.append(Target(
         "multi-worker throughput vs single-process reference",

@@ -80,8 +80,8 @@ def wait_serving(target: str, timeout: float = 180.0, tls: TlsOptions | None = N
 SCORE_METHOD = "tabserve.scoring.v1.Scoring/Score"
 
 
-def score_calls_by_code(metrics_port: int) -> dict[str, float]:
-    """`tabserve_server_requests_total` of the Score method, by gRPC status code, from /metrics."""
+def score_calls_by_code(metrics_port: int, method: str = SCORE_METHOD) -> dict[str, float]:
+    """`tabserve_server_requests_total` of one method (default Score), by gRPC status code, from /metrics."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -93,7 +93,7 @@ def score_calls_by_code(metrics_port: int) -> dict[str, float]:
         if family.name != "tabserve_server_requests":
             continue
         for sample in family.samples:
-            if sample.name.endswith("_total") and sample.labels.get("method") == SCORE_METHOD:
+            if sample.name.endswith("_total") and sample.labels.get("method") == method:
                 code = sample.labels.get("code", "")
                 counts[code] = counts.get(code, 0.0) + sample.value
     return counts

@@ -22,6 +22,7 @@ PYTHON_CLIENT = "python client"  # tabserve_client.ScoringClient, Python threads
 RAW_STUB = "raw stub"  # generated ScoringStub, request built from the numpy row per call
 H2LOAD = "h2load"  # nghttp2's h2load with a prebuilt length-prefixed gRPC body
 IN_PROCESS = "in-process"  # Booster.predict in the bench process, no RPC
+V2_ASYNC = "python V2 async"  # grpc.aio Open Inference Protocol generator, prebuilt `input-0` requests
 
 
 @dataclass(frozen=True)

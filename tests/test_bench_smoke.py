@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = (
-    "compute", "serving", "h2load", "reload", "multi-worker", "mtls", "explain", "overload", "monitor-poll",
+    "compute", "serving", "h2load", "reload", "multi-worker", "v2", "mtls", "explain", "overload", "monitor-poll",
     "reload-memory",
 )
 
@@ -47,7 +47,7 @@ def test_quick_run_reports_every_section(tmp_path: Path) -> None:
             assert figure["generator"], (name, figure)
 
     generators = {f["generator"] for s in SECTIONS for f in sections[s]["figures"]}
-    assert {"python client", "raw stub", "h2load", "in-process"} <= generators
+    assert {"python client", "raw stub", "h2load", "in-process", "python V2 async"} <= generators
     # Every target of issue 4 built here is decided with a measured ratio.
     names = {t["name"] for t in results["targets"]}
     assert {
@@ -55,11 +55,13 @@ def test_quick_run_reports_every_section(tmp_path: Path) -> None:
         "1000-row rows/s vs Booster.predict", "reload under load: p99 vs steady, zero failures",
         "single-row throughput, mutual TLS vs plaintext",
         "explained single row p50 vs pred_contrib + serving", "explained 1000-row rows/s vs pred_contrib",
+        "V2 single-row throughput vs fast path (Python V2)", "V2 single-row throughput vs fast path (h2load)",
+        "V2 single-row p50 vs fast path (Python V2)",
     } <= names
     for target in results["targets"]:
         assert isinstance(target["ratio"], int | float) and math.isfinite(target["ratio"]), target
         assert target["met"] in (True, False), target
     # gRPC errors arrive as HTTP 200: the h2load figures count only calls the server answered OK.
-    failed = [f for f in sections["h2load"]["figures"] if f["label"].endswith("failed calls")]
+    failed = [f for s in ("h2load", "v2") for f in sections[s]["figures"] if f["label"].endswith("failed calls")]
     assert failed and all(f["value"] == 0 for f in failed)
     assert "tabserve benchmark (quick)" in done.stdout
