@@ -67,8 +67,8 @@ log = logging.getLogger("bench")
 DEFAULT_OUT = REPO / "bench" / "results.json"
 QUICK_OUT = REPO / "bench" / ".cache" / "results-quick.json"
 ONLY_OUT = REPO / "bench" / ".cache" / "results-only.json"
-SECTIONS = ("compute", "serving", "h2load", "reload", "multi-worker", "v2", "mtls", "explain", "overload",
-            "monitor-poll", "reload-memory")
+SECTIONS = ("compute", "serving", "h2load", "reload", "multi-worker", "v2", "mtls", "decision-log", "explain",
+            "overload", "monitor-poll", "reload-memory")
 
 
 def _versions() -> dict[str, str]:

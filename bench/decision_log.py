@@ -27,6 +27,7 @@ from tests.support import scrape
 LOG_ON = "decision log on (digest)"
 LOG_OFF = "decision log off"
 TARGET = "single-row throughput, decision log on (digest inputs) vs off"
+DROPPED = "tabserve_server_decision_records_dropped_total"
 
 
 def run(
@@ -43,7 +44,7 @@ def run(
         rates, failed, samples = single_row_pair({name: (p.target, None) for name, p in servers.items()}, rows,
                                                  quick)
         metrics = scrape(servers[LOG_ON].metrics_port)
-        dropped = {k: v for k, v in metrics.items() if k.startswith("tabserve_server_decision_records_dropped") and v}
+        dropped = {k: v for k, v in metrics.items() if v and k.startswith(DROPPED)}
     finally:
         for process in servers.values():
             process.stop()  # SIGTERM: the log is flushed and closed
