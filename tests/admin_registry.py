@@ -26,6 +26,7 @@ from tests.corrupt import FAULTS, corrupted_copy
 CLEAN = "clean"
 SUBJECT = "subject"  # alias production -> 1 (good); then broken versions, named in Seeded.broken
 ROLLING = ("rolling-sqlite", "rolling-server")  # one per backend: promotions change them
+RACING = "racing"  # two promotions at once
 METADATA_PROBLEMS = ("digest_tag_missing", "duplicate_digest", "alias_dangling", "alias_not_ready",
                      "stage_ambiguous", "threshold_conflict")
 DEEP_PROBLEMS = ("artifact_missing", "artifact_unreadable", "digest_mismatch", "schema_change")
@@ -101,7 +102,7 @@ def seed(root: Path) -> Seeded:
     missing = s.real("broken-sources", 4, broken="missing_artifacts")
     seeded = Seeded(s.uri, s.db)
     _subject(s, seeded, good1, wrong, missing)
-    for name in ROLLING:
+    for name in (*ROLLING, RACING):
         for source in (good1, good2, good1):
             s.add(name, source)
         s.alias(name, "production", "1")

@@ -19,7 +19,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tabserve_admin import cli
-from tabserve_admin.history import HISTORY_LIMIT, HISTORY_TAG, TAG_VALUE_LIMIT, Entry, parse, serialize, walk
+from tabserve_admin.history import (
+    HISTORY_LIMIT,
+    HISTORY_TAG,
+    TAG_VALUE_LIMIT,
+    Entry,
+    parse,
+    record,
+    serialize,
+    walk,
+)
 from tabserve_demo.processes import MlflowServer
 from tests.admin_registry import (
     ALL_DEEP,
@@ -27,6 +36,7 @@ from tests.admin_registry import (
     CLEAN,
     DEEP_PROBLEMS,
     METADATA_PROBLEMS,
+    RACING,
     ROLLING,
     SUBJECT,
     Seeded,
@@ -235,6 +245,38 @@ def test_rollback_steps_back_and_refuses_to_guess(capsys: pytest.CaptureFixture[
     assert alias_of(uri, name) == "3" and len(history(uri, name)) == 4
     code, out, _ = admin(capsys, "rollback", name, "--to", "2", "--reason", "explicit", *move)
     assert code == 0 and alias_of(uri, name) == "2" and history(uri, name)[-1]["previous"] == "3"
+
+
+def test_two_concurrent_promotions_both_recorded(seeded: Seeded) -> None:
+    """Each verifies for seconds after reading the history; without the re-read and check at write time the
+    later write replaced the earlier entry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TABSERVE_SERVER_")}
+    command = str(Path(sys.executable).parent / "tabserve-admin")
+    runs = [subprocess.Popen([command, "promote", RACING, version, "--reason", f"race {version}", "--tracking-uri",
+                              seeded.tracking_uri], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for version in ("2", "3")]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    recorded = history(seeded.tracking_uri, RACING)
+    assert sorted(e["version"] for e in recorded) == ["2", "3"], (recorded, outputs)
+    assert alias_of(seeded.tracking_uri, RACING) in ("2", "3")
+
+
+def test_a_lost_history_write_is_written_again() -> None:
+    """record() against a store that another writer overwrites right after the first write."""
+    store: dict[str, str | None] = {"text": serialize([_entry("promote", "1", "2")])}
+    stale = store["text"]
+    writes: list[str] = []
+
+    def write(text: str) -> None:
+        writes.append(text)
+        store["text"] = text
+        if len(writes) == 1:  # a concurrent promotion that read before us writes last
+            store["text"] = serialize([*parse(stale), _entry("promote", "2", "9")])
+
+    mine = _entry("promote", "2", "3")
+    done = record(lambda: store["text"], write, mine, settle_seconds=0.0)
+    assert done.attempts == 2 and [e.version for e in done.entries] == ["2", "9", "3"]
 
 
 def _entry(action: str, previous: str, version: str, alias: str = "production") -> Entry:

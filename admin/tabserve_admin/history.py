@@ -6,11 +6,20 @@ Each entry: {"alias", "action" ("promote" | "rollback"), "version", "previous" (
 pointed at before, "" when it did not exist), "by", "reason", "at" (UTC, ISO 8601)}.
 
 `walk()` replays one alias's entries into the versions a rollback steps back through; pure, tested by tables.
+
+`record()` appends one entry. MLflow has no compare-and-swap on tags, so two promotions at once could each
+write "what I read + my entry" and one entry would be lost. It re-reads the tag just before writing, writes,
+waits SETTLE_SECONDS (far longer than one read-then-write takes) and reads again: when its entry is gone,
+another writer overwrote it, and it appends again (at most WRITE_ATTEMPTS times). An entry the other writer
+lost is that writer's to find the same way. (A writer whose own read-then-write took longer than the settle
+time could still overwrite an entry unseen; record() says so in its result.)
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -20,6 +29,8 @@ HISTORY_LIMIT: Final = 20
 # MLflow 3 takes registered-model tag values up to 100,000 characters; older versions' database columns hold 5000.
 TAG_VALUE_LIMIT: Final = 5000
 REASON_LIMIT: Final = 300
+SETTLE_SECONDS: Final = 1.0
+WRITE_ATTEMPTS: Final = 5
 
 
 @dataclass(frozen=True)
@@ -93,3 +104,31 @@ def describe(entry: Entry) -> str:
 
 def as_json(entries: list[Entry]) -> list[dict[str, Any]]:
     return [asdict(entry) for entry in entries]
+
+
+class HistoryConflict(RuntimeError):
+    """Concurrent writers kept overwriting the entry: it is not in the history (the alias was moved)."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    entries: list[Entry]  # the history as read back after the write
+    attempts: int  # 1 unless a concurrent writer overwrote the entry
+    slow_write: bool  # the read-then-write took longer than the settle time (see the module docstring)
+
+
+def record(read: Callable[[], str | None], write: Callable[[str], None], entry: Entry,
+           settle_seconds: float = SETTLE_SECONDS) -> Recorded:
+    """Append `entry` to the history that `read()` returns and `write(text)` stores, detecting an entry lost to a
+    concurrent writer and appending again (see the module docstring)."""
+    slow = False
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        started = time.monotonic()
+        write(serialize([*parse(read()), entry]))
+        slow = slow or time.monotonic() - started > settle_seconds
+        time.sleep(settle_seconds)
+        after = parse(read())
+        if entry in after:
+            return Recorded(after, attempt, slow)
+    raise HistoryConflict(f"the entry could not be kept in {HISTORY_TAG} after {WRITE_ATTEMPTS} attempts: "
+                          "other promotions kept overwriting it")

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from tabserve_admin import cli
-from tabserve_admin.history import HISTORY_TAG, Entry, HistoryUnreadable, describe, parse, serialize, walk
+from tabserve_admin.history import HISTORY_TAG, Entry, HistoryConflict, HistoryUnreadable, describe, parse, record, walk
 from tabserve_admin.server_config import add_registry_options, complain, registry_client, say, server_settings
 from tabserve_admin.verification import Loaded, ModelLoadError, VersionGate
 from tabserve_common.settings import SettingsError
@@ -102,8 +102,11 @@ class _Session:
         if resolution.problem is Problem.MODEL_MISSING:
             raise Refused(f"refused: {resolution.detail}")
         self.current = resolution.target.version if resolution.target else ""
+        self.entries = parse(self._history_text())
+
+    def _history_text(self) -> str | None:
         registered = self.watcher.registered_model()
-        self.entries = parse((getattr(registered, "tags", None) or {}).get(HISTORY_TAG))
+        return (getattr(registered, "tags", None) or {}).get(HISTORY_TAG)
 
     def rollback_target(self) -> str:
         steps = walk(self.entries, self.alias)
@@ -128,11 +131,22 @@ class _Session:
         loaded = self._verified(version)
         self.client.set_registered_model_alias(self.name, self.alias, version)
         entry = Entry.now(self.alias, action, version, self.current, by=self.by, reason=self.reason)
-        self.client.set_registered_model_tag(self.name, HISTORY_TAG, serialize([*self.entries, entry]))
         verb = "promoted" if action == "promote" else "rolled back"
         say(f"{verb}: alias {self.alias} of {self.name} -> version {version} (was {self.current or 'unset'})")
         say(f"verified as the server would load it: {loaded.summary()}")
+        # Re-read at write time, not the history read before the verification: another promotion may have
+        # recorded its move meanwhile (history.record detects and retries a lost write).
+        try:
+            recorded = record(self._history_text,
+                              lambda text: self.client.set_registered_model_tag(self.name, HISTORY_TAG, text), entry)
+        except HistoryConflict as exc:
+            raise Refused(f"the alias was moved, but {exc}; record it by hand") from None
         say(f"recorded in {HISTORY_TAG}: {describe(entry)}")
+        if recorded.attempts > 1:
+            say(f"note: a concurrent promotion overwrote the entry; written again (attempt {recorded.attempts})")
+        if recorded.slow_write:
+            say(f"note: writing {HISTORY_TAG} took longer than the settle time: a concurrent promotion's entry "
+                "may be lost; check the history")
 
     def _verified(self, version: str) -> Loaded:
         """`version` loaded and validated against the alias's version now; Refused with the server's reason."""
