@@ -104,4 +104,4 @@ def test_the_servers_log_lines_of_a_call_carry_its_request_id(
     with pytest.raises(grpc.RpcError):
         scoring_pb2_grpc.ScoringStub(channel).Score(_score_request(), metadata=((KEY, "boom-1"),))
     lines = [r for r in caplog.records if "unexpected error" in r.getMessage()]
-    assert lines and all(getattr(r, "request", "") == " [request boom-1]" for r in lines)
+    assert lines and all(getattr(r, "request_id", "") == "boom-1" for r in lines)

@@ -67,6 +67,7 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "model_uri", "", "must be non-empty, got ''"),
     (ServerSettings, "cache_dir", "", "must be non-empty, got ''"),
     (ServerSettings, "log_level", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'verbose'"),
+    (ServerSettings, "log_format", "logfmt", "must be one of TEXT, JSON, got 'logfmt'"),
     (ServerSettings, "allow_pyfunc", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),
     (ServerSettings, "allow_schema_change", "2", "must be true or false (also 1/0, yes/no, on/off), got '2'"),
     (ServerSettings, "decision_log_inputs", "rows", "must be one of DIGEST, FULL, NONE, got 'rows'"),
@@ -94,6 +95,7 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (MonitorSettings, "alias", "", "must be non-empty unless --stage is set, got ''"),
     (MonitorSettings, "canary", "sometimes", "must be true or false (also 1/0, yes/no, on/off), got 'sometimes'"),
     (MonitorSettings, "log_level", "loud", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'loud'"),
+    (MonitorSettings, "log_format", "xml", "must be one of TEXT, JSON, got 'xml'"),
 ]
 
 
@@ -134,7 +136,7 @@ def test_every_checked_field_has_a_bad_value_in_the_table() -> None:
         (ServerSettings, {"default_threshold": 0.0, "max_rows": 1, "max_message_bytes": 2**31 - 1}),
         (ServerSettings, {"default_threshold": 1.0, "retry_initial_seconds": 5.0, "retry_max_seconds": 5.0}),
         (ServerSettings, {"address": "[::1]:0", "control_address": "localhost:65535", "metrics_address": ":9100"}),
-        (ServerSettings, {"log_level": "debug"}),
+        (ServerSettings, {"log_level": "debug", "log_format": "JSON"}),
         (ServerSettings, {"control_address": "0.0.0.0:50052", "control_token_file": "/run/secrets/token",
                           "tls_cert_file": "tls.crt", "tls_key_file": "tls.key"}),
         (ServerSettings, {"control_address": "127.0.0.2:50052", "health_address": ""}),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from prometheus_client import start_http_server
 
 from tabserve_common.address import split_address
+from tabserve_common.logs import configure_logging
 from tabserve_common.settings import SettingsError
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.settings import MonitorSettings
@@ -19,9 +20,7 @@ from tabserve_monitor.settings import MonitorSettings
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = MonitorSettings.load_or_exit(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings.log_level, settings.log_format, "monitor")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

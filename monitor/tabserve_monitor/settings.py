@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tabserve_client.channel import TlsOptions
+from tabserve_common.logs import log_format_setting
 from tabserve_common.secrets import read_secret
 from tabserve_common.settings import LOG_LEVELS, Settings, setting
 
@@ -71,6 +72,7 @@ class MonitorSettings(Settings):
         5.0, "Deadline of each call to the server and of one registry HTTP request.", above=0
     )
     log_level: str = setting("INFO", "Logging level (any case).", choices=LOG_LEVELS)
+    log_format: str = log_format_setting()
 
     def check(self) -> None:
         if not self.alias and not self.stage:

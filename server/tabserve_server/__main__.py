@@ -18,7 +18,7 @@ from tabserve_server.supervisor import Supervisor
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = ServerSettings.load_or_exit(argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings, "server" if settings.workers == 1 else "supervisor")
     # A busy port is one clear line before anything starts (gRPC's own bind failure is a C++ log line).
     listeners = [settings.address, settings.control_address, settings.metrics_address, settings.health_address]
     problem = unavailable_address(a for a in listeners if a)

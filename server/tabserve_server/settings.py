@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from tabserve_common.logs import log_format_setting
 from tabserve_common.secrets import read_secret
 from tabserve_common.settings import LOG_LEVELS, Settings, setting
 
@@ -179,6 +180,7 @@ class ServerSettings(Settings):
         "anyone who can write the files can rebuild a consistent chain.",
     )
     log_level: str = setting("INFO", "Logging level (any case).", choices=LOG_LEVELS)
+    log_format: str = log_format_setting()
 
     def check(self) -> None:
         self.require_together("tls_cert_file", "tls_key_file")

@@ -54,7 +54,7 @@ def restart_delay(quick_deaths: int) -> float:
 def run_worker(settings: ServerSettings, index: int, conn: Connection) -> None:
     """Entry point of one worker process: a supervised ServingApp; sends its ports, serves until SIGTERM."""
     os.dup2(2, 1)  # stdout belongs to the supervisor's 'listening' line
-    configure_logging(settings.log_level, f"worker-{index}")
+    configure_logging(settings, f"worker-{index}")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -167,6 +167,9 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
             except ServingError as exc:
                 status = status_of(exc)
                 code = status.name
+                # A caller's mistake is no server event (INFO stays quiet); at DEBUG it helps answer "why was my
+                # call refused?" from the request id the caller was given.
+                log.debug("%s answered %s: %s", method, code, exc)
                 context.abort(status, str(exc))
             except Exception as exc:
                 code = "INTERNAL"
