@@ -5,6 +5,7 @@ by a new one, the client library exposes it, and the server's log lines of the c
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from tabserve_client import ScoringClient
 from tabserve_demo.applicants import make_applicants
 from tabserve_server.app import ServingApp
 from tabserve_server.logs import RequestIdFilter
+from tabserve_server.transport import request_id
 
 KEY = "x-request-id"
 
@@ -105,3 +107,20 @@ def test_the_servers_log_lines_of_a_call_carry_its_request_id(
         scoring_pb2_grpc.ScoringStub(channel).Score(_score_request(), metadata=((KEY, "boom-1"),))
     lines = [r for r in caplog.records if "unexpected error" in r.getMessage()]
     assert lines and all(getattr(r, "request_id", "") == "boom-1" for r in lines)
+
+
+def test_new_ids_are_unique_and_a_forked_child_draws_its_own_prefix() -> None:
+    """New ids are a per-process random prefix and a counter (no system call per call): unique within the process,
+    and a worker forked from it starts from another prefix, so two workers never make the same id."""
+    ids = [request_id.new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one id and leave at once
+        os.write(writer, request_id.new_request_id().encode())
+        os._exit(0)
+    os.close(writer)
+    child = os.read(reader, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(reader)
+    assert re.fullmatch(r"[0-9a-f]{32}", child) and child[:16] != ids[0][:16]
