@@ -132,6 +132,42 @@ def test_an_unencodable_record_costs_only_itself(tmp_path: Path) -> None:
     assert sample(log, "tabserve_server_decision_records_dropped_total", reason="invalid") == 1
 
 
+def test_a_record_that_cannot_be_built_costs_only_itself(tmp_path: Path) -> None:
+    """Records given as functions are built by the writer (decisions/record.py hands its pieces over)."""
+    log = open_log(tmp_path)
+    log.submit(lambda: {"i": 0})
+    log.submit(lambda: {"i": 1 // 0})
+    log.submit({"i": 2})
+    log.close()
+    assert [r["i"] for r in decisions(tmp_path)] == [0, 2]
+    assert sample(log, "tabserve_server_decision_records_dropped_total", reason="invalid") == 1
+
+
+def test_records_that_keep_coming_are_collected_not_handed_over_one_by_one(tmp_path: Path) -> None:
+    """While records keep coming the writer wakes every FLUSH_SECONDS, not per record: a wake-up per call cost
+    a thread hand-off per call (docs/performance.md, run 10)."""
+    log = open_log(tmp_path)
+    writes: list[int] = []
+    write = log.writer.write
+
+    def counted(records: Any) -> Any:
+        writes.append(len(records))
+        return write(records)
+
+    log.writer.write = counted  # type: ignore[method-assign]
+    log.submit({"i": -1})
+    time.sleep(0.2)  # the writer has written it and sleeps until woken
+    submitted = 0
+    ends = time.monotonic() + 0.5
+    while time.monotonic() < ends:  # about one record per 0.5 ms, like a busy server's calls
+        log.submit({"i": submitted})
+        submitted += 1
+        time.sleep(0.0005)
+    log.close()
+    assert [r["i"] for r in decisions(tmp_path)] == [-1, *range(submitted)]
+    assert len(writes) <= submitted / 4, (len(writes), submitted)
+
+
 def test_required_mode_returns_once_the_record_is_in_the_file(tmp_path: Path) -> None:
     log = open_log(tmp_path, decision_log_required=True)
     try:

@@ -12,7 +12,13 @@ Contract:
 - `close()` writes what is queued and a `close` record (a graceful stop). A killed process loses at most what
   was queued and not yet written: `decision_log_queue_size` records plus one batch (`BATCH` records) being
   written.
-The caller hands the record over: it must not change the dict after `submit`.
+- Hand-off: `submit` only appends to the queue; it wakes the writer only when the writer sleeps because the
+  queue was empty (and always in required mode, and at close). While records keep coming the writer collects
+  them for `FLUSH_SECONDS` between batches instead of being woken per record: a wake-up per call was a thread
+  hand-off and a GIL transfer per call, which halved single-row throughput (docs/performance.md, run 10).
+The caller hands the record over: it must not change the dict after `submit`. A record may also be given as a
+function that builds it (decisions/record.py): the writer calls it, in submission order, so the caller's thread
+does not pay for building; one that raises is dropped as `invalid` (required mode: refused saying why).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -41,6 +47,9 @@ __all__ = ["BATCH", "DecisionLog", "DecisionLogUnavailable", "open_decision_log"
 log = logging.getLogger(__name__)
 
 BATCH: Final = 256  # records written with one write() call at most
+# While records keep coming, the writer wakes this often (module doc): about 10 records a batch at 2,000 calls/s,
+# at the cost of records reaching the file up to this much later (a graceful stop still writes them all).
+FLUSH_SECONDS: Final = 0.005
 REQUIRED_WAIT_SECONDS: Final = 5.0  # required mode: longest a call waits for its record to be written
 PRUNE_INTERVAL_SECONDS: Final = 60.0
 MIN_KEY_BYTES: Final = 32
@@ -65,7 +74,9 @@ class _Waiter:
         self.done.set()
 
 
-Item = tuple[str, Mapping[str, Any], _Waiter | None]  # kind, fields, the required-mode caller waiting
+Fields = Mapping[str, Any] | Callable[[], Mapping[str, Any]]  # a record, or a function that builds it
+Item = tuple[str, Fields, _Waiter | None]  # kind, fields, the required-mode caller waiting
+Built = tuple[str, Mapping[str, Any], _Waiter | None]  # an item whose record is built
 
 
 def _now() -> str:
@@ -89,13 +100,15 @@ class DecisionLog:
         self._closed = False
         self._opened = False
         self._failing: str | None = None
+        self._wake = threading.Event()
+        self._idle = False  # the writer waits for a wake-up (queue empty), not for FLUSH_SECONDS to pass
         self.metrics.queue_depth.set_function(self._queue.qsize)
         self._thread = threading.Thread(target=self._run, name=f"decision-log-{writer.worker}", daemon=True)
         self._thread.start()
 
     # --- callers ---------------------------------------------------------------------------
 
-    def submit(self, record: dict[str, object]) -> None:
+    def submit(self, record: Fields) -> None:
         """Hand a record to the log (see the module doc for the two modes)."""
         if self.required:
             self._submit_required(record)
@@ -107,8 +120,11 @@ class DecisionLog:
             self._queue.put_nowait(("decision", record, None))
         except queue.Full:
             self._drop("queue_full")
+            return
+        if self._idle:
+            self._wake.set()
 
-    def _submit_required(self, record: Mapping[str, Any]) -> None:
+    def _submit_required(self, record: Fields) -> None:
         if self._closed:
             self._dropped["closed"].inc()
             raise DecisionLogUnavailable("decision log closed: the server is stopping")
@@ -121,6 +137,7 @@ class DecisionLog:
             raise DecisionLogUnavailable(
                 f"decision log queue full for {REQUIRED_WAIT_SECONDS:.0f} s: the disk does not keep up"
             ) from None
+        self._wake.set()  # the call waits for its record: no collecting
         if not waiter.done.wait(max(0.0, deadline - time.monotonic())):
             raise DecisionLogUnavailable(f"decision record not written within {REQUIRED_WAIT_SECONDS:.0f} s")
         if waiter.error is not None:
@@ -142,6 +159,7 @@ class DecisionLog:
             self._queue.put(_STOP, timeout=timeout)
         except queue.Full:
             log.error("decision log: the queue stayed full for %s s while closing", timeout)
+        self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("decision log: %d queued records not written when the stop timed out", self._queue.qsize())
@@ -153,31 +171,48 @@ class DecisionLog:
         stopping = False
         self._write([("start", {"time": _now(), "pid": os.getpid()}, None)])
         while not stopping:
-            batch: list[Item] = []
-            try:
-                first = self._queue.get(timeout=max(0.0, next_prune - time.monotonic()))
-            except queue.Empty:
-                first = None
-            item = first
-            while item is not None:
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)  # type: ignore[arg-type]
-                if len(batch) >= BATCH:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    item = None
+            batch, stopping = self._take()
             if batch:
                 self._write(batch)
             if time.monotonic() >= next_prune:
                 self._prune()
                 next_prune = time.monotonic() + PRUNE_INTERVAL_SECONDS
+            if stopping or len(batch) == BATCH:
+                continue
+            if batch:
+                self._sleep(FLUSH_SECONDS)  # records are coming: collect them, nobody wakes the writer
+            else:
+                self._sleep_until_woken(max(0.0, next_prune - time.monotonic()))
         self._write([("close", {"time": _now()}, None)])
         self.writer.close()
         self._drain_after_stop()
+
+    def _take(self) -> tuple[list[Item], bool]:
+        """Up to BATCH queued items, and whether the stop came after them."""
+        batch: list[Item] = []
+        while len(batch) < BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)  # type: ignore[arg-type]
+        return batch, False
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait `seconds` or until woken (a required-mode record, the stop)."""
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _sleep_until_woken(self, seconds: float) -> None:
+        """The queue was empty: wait until a submit wakes the writer (module doc: hand-off), `seconds` at most."""
+        # Set before looking again: a record put after the look sees the flag and wakes the writer.
+        self._idle = True
+        if not self._queue.qsize():
+            self._wake.wait(seconds)
+        self._idle = False
+        self._wake.clear()
 
     def _drain_after_stop(self) -> None:
         """Records put after the stop (a submit racing close()): not written, counted."""
@@ -192,11 +227,25 @@ class DecisionLog:
                 if waiter is not None:
                     waiter.finish("decision log closed: the server is stopping")
 
+    def _built(self, batch: list[Item]) -> list[Built]:
+        """The items with every record built (module doc); a record that cannot be built costs only itself."""
+        items: list[Built] = []
+        for kind, given, waiter in batch:
+            if not callable(given):
+                items.append((kind, given, waiter))
+                continue
+            try:
+                items.append((kind, given(), waiter))
+            except Exception as exc:
+                log.exception("decision record cannot be built")
+                self._fail((kind, {}, waiter), "invalid", f"decision record cannot be built: {exc}")
+        return items
+
     def _write(self, batch: list[Item]) -> None:
+        items = self._built(batch)
         with self._lock:
             told = self._unlogged.copy()
             self._unlogged.clear()
-        items: list[Item] = list(batch)
         if told:
             items.insert(0, ("dropped", {"time": _now(), "count": told.total(), "reasons": dict(told)}, None))
         error = self._open()
@@ -213,7 +262,7 @@ class DecisionLog:
         if self.writer.files.number != number:
             self._prune()  # a new file: the set may have passed its size limit
 
-    def _write_one_by_one(self, items: list[Item], told: Counter[str]) -> None:
+    def _write_one_by_one(self, items: list[Built], told: Counter[str]) -> None:
         """A record that cannot be encoded (NaN, a non-JSON value) costs only itself."""
         for index, item in enumerate(items):
             try:
@@ -224,7 +273,7 @@ class DecisionLog:
             error = None if os_error is None else f"decision log cannot be written: {os_error}"
             self._settle([item], written, error, told if index == 0 else Counter())
 
-    def _settle(self, items: list[Item], written: int, error: str | None, told: Counter[str]) -> None:
+    def _settle(self, items: list[Built], written: int, error: str | None, told: Counter[str]) -> None:
         """Count and answer the first `written` items as written and the rest as failed with `error`."""
         kinds = Counter(kind for kind, _, _ in items[:written])
         for kind, count in kinds.items():
@@ -240,7 +289,7 @@ class DecisionLog:
             self._fail(item, "write_error", error or "decision log cannot be written")
         self._set_failing(error if items[written:] else None)
 
-    def _fail(self, item: Item, reason: str, error: str) -> None:
+    def _fail(self, item: Built, reason: str, error: str) -> None:
         kind, _, waiter = item
         if kind != "decision":
             return  # the log's own records are not counted as drops

@@ -1,6 +1,8 @@
 """What goes in a decision record: one per answered scoring call, built from what the data plane already has
 (the call's `RequestContext`, its validated rows, its `ScoreResult`), never from a second computation; the
-data plane's hook that submits it (`DecisionRecorder`), and `decision_records` to read them back.
+data plane's hook that submits it (`DecisionRecorder`), and `decision_records` to read them back. The call
+hands over those pieces and its answer time only; the log's writer thread builds the record from them, so the
+dicts, digests and time formatting cost the call nothing (the pieces are never changed after the call).
 
 A record (the log adds its own fields: kind "decision", format version, sequence, previous hash, hash,
 worker; chain.py):
@@ -31,9 +33,11 @@ import hashlib
 import json
 import math
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -109,23 +113,23 @@ def caller_of(request: RequestContext) -> dict[str, str]:
 class RecordBuilder:
     """Builds the record of one answered call (module docstring); `inputs` is one of INPUT_MODES."""
 
-    def __init__(self, inputs: str = INPUT_DIGEST, recent: RecentRequestIds | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(self, inputs: str = INPUT_DIGEST, recent: RecentRequestIds | None = None) -> None:
         if inputs not in INPUT_MODES:
             raise ValueError(f"inputs must be one of {', '.join(INPUT_MODES)}, got {inputs!r}")
         self.inputs = inputs
         self._recent = recent or RecentRequestIds()
-        self._clock = clock
 
     def build(self, request: RequestContext, matrix: FloatMatrix, result: ScoreResult,
-              explain: ExplainOptions | None) -> Record:
+              explain: ExplainOptions | None, answered: float) -> Record:
+        """The record of a call answered at `answered` (time.time()); called in submission order, so `repeat`
+        marks the later of two calls with one id."""
         model = result.model
         rows = _input_fields(matrix, self.inputs)
         for row, score, decision in zip(rows, result.scores.tolist(), result.decisions.tolist(), strict=True):
             row["score"] = score
             row["decision"] = decision
         record: Record = {
-            "time": self._clock().isoformat(timespec="microseconds"),
+            "time": datetime.fromtimestamp(answered, UTC).isoformat(timespec="microseconds"),
             "request_id": request.request_id,
             "repeat": self._recent.seen(request.request_id),
             "caller": caller_of(request),
@@ -164,7 +168,7 @@ class DecisionRecorder:
     def __call__(self, request: RequestContext, matrix: FloatMatrix, result: ScoreResult,
                  explain: ExplainOptions | None) -> None:
         try:
-            self.log.submit(self.builder.build(request, matrix, result, explain))
+            self.log.submit(partial(self.builder.build, request, matrix, result, explain, time.time()))
         except DecisionLogUnavailable as exc:
             raise DecisionNotRecorded(f"the decision log is required and unavailable: {exc}; retry later") from exc
 
