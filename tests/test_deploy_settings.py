@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -108,6 +109,7 @@ def test_the_monitor_reaches_its_server_on_loopback(manifests: list[Manifest]) -
     assert port(monitor.public_address) == port(server.address)
     assert is_loopback(split_address(monitor.public_address)[0])
     assert monitor.control_token_file == server.control_token_file
+    assert urlsplit(monitor.server_metrics_url).port == port(server.metrics_address)  # the status page's histogram
     # The image's contract (PROTOCOL/Containerfile): these ports and paths.
     assert [port(a) for a in (server.address, server.health_address, server.control_address)] == [50051, 50052, 50053]
     assert (port(server.metrics_address), port(monitor.metrics_address)) == (9100, 9101)

@@ -3,12 +3,15 @@
 Everything runs on loopback: the session's SQLite registry (read only here), the server and the monitor as child
 processes, and Prometheus with a 1 s scrape and rule-evaluation interval, its own config and TSDB under
 tmp, loading monitor/alerts/tabserve.rules.yml. All checks go through Prometheus' HTTP API, with bounded
-polling, so they prove the names in the alert rules match what the processes actually export.
+polling, so they prove the names in the alert rules and in the Grafana dashboard (dashboards/tabserve.json) match
+what the processes actually export: every panel's query, its dashboard variables substituted, must return series,
+and every metric both processes export must be on a panel or in DASHBOARD_EXCLUDED, with the reason.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.error
@@ -21,6 +24,7 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tabserve_client import ScoringClient
 from tabserve_demo.applicants import make_applicants
@@ -29,6 +33,24 @@ from tests.support import MODEL_NAME, monitor_settings, required_command, server
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitor" / "alerts" / "tabserve.rules.yml"
+DASHBOARD = ROOT / "dashboards" / "tabserve.json"
+# Grafana's own variables, as Grafana would fill them for this 1 s scrape interval and a short range.
+GRAFANA_BUILTINS = {"$__rate_interval": "10s", "$__interval": "5s", "$__range": "1h"}
+# Exported metrics deliberately on no panel, each with its reason. A new metric lands on a panel or here.
+DASHBOARD_EXCLUDED = {
+    # No samples unless allowed_callers is set (mutual TLS); its label values are the deployment's callers.
+    "tabserve_server_caller_requests_total": "per-caller counts exist only with an allow-list",
+    # The monitor's Python runtime (prometheus_client's default collectors): memory and CPU are on a panel,
+    # the rest is generic process detail that says nothing about serving.
+    "process_virtual_memory_bytes": "runtime detail",
+    "process_start_time_seconds": "runtime detail",
+    "process_open_fds": "runtime detail",
+    "process_max_fds": "runtime detail",
+    "python_gc_objects_collected_total": "runtime detail",
+    "python_gc_objects_uncollectable_total": "runtime detail",
+    "python_gc_collections_total": "runtime detail",
+    "python_info": "runtime detail",
+}
 SERVER_JOB = "tabserve-server"
 MONITOR_JOB = "tabserve-monitor"
 SCORE_METHOD = "tabserve.scoring.v1.Scoring/Score"
@@ -236,3 +258,73 @@ def test_rules_loaded_and_healthy(stack: Stack) -> None:
     firing = [a for a in prometheus.get("/api/v1/alerts")["alerts"] if a["state"] == "firing"]
     assert not firing, firing
     assert not prometheus.query('ALERTS{alertname=~"TabserveServerDown|TabserveMonitorDown"}')
+
+
+# --- the Grafana dashboard ------------------------------------------------------------------------------------
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every panel target, with the dashboard's variables at their defaults."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    values = dict(GRAFANA_BUILTINS)
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "custom":
+            values[f"${variable['name']}"] = variable["current"]["value"]
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for name in sorted(values, key=len, reverse=True):  # $__range before a shorter prefix of it
+                expr = expr.replace(name, values[name])
+            assert "$" not in expr, f"{panel['title']}: a variable the test does not know: {expr}"
+            queries.append((panel["title"], expr))
+    return queries
+
+
+def _exported(stack: Stack) -> set[str]:
+    """Every metric name both processes expose (counters with `_total`, histograms by their base name)."""
+    names = set()
+    for port in (stack.server.metrics_port, stack.monitor.metrics_port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name.endswith("_created"):  # prometheus_client's creation time of a counter or histogram
+                continue
+            names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+def _names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\b(?:tabserve|process|python)_[a-z0-9_]+", expr))
+
+
+def test_every_dashboard_query_returns_exported_series(stack: Stack) -> None:
+    prometheus = stack.prometheus
+    queries = _dashboard_queries()
+    assert len(queries) >= 30, queries
+    exported = _exported(stack)
+    for title, expr in queries:
+        # Padding would make a query answer whether or not the metric exists.
+        assert not re.search(r"\b(vector|absent|absent_over_time|scalar)\s*\(|\bor\b", expr), (title, expr)
+        used = {re.sub(r"_(bucket|sum|count)$", "", name) for name in _names_in(expr)}
+        assert used and used <= exported, (title, used - exported)
+
+    def empty() -> list[tuple[str, str]]:
+        return [(title, expr) for title, expr in queries if not prometheus.query(expr)]
+
+    missing = empty()
+    deadline = time.monotonic() + TIMEOUT
+    while missing and time.monotonic() < deadline:  # rates need two scrapes; the monitor polls every second
+        time.sleep(1.0)
+        missing = empty()
+    assert not missing, f"panels whose query matched nothing: {missing}"
+
+
+def test_every_exported_metric_is_on_the_dashboard(stack: Stack) -> None:
+    on_panels = set().union(*(_names_in(expr) for _, expr in _dashboard_queries()))
+    on_panels |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in on_panels}
+    exported = _exported(stack)
+    forgotten = sorted(exported - on_panels - set(DASHBOARD_EXCLUDED))
+    assert not forgotten, f"exported but on no panel of {DASHBOARD.name} and not in DASHBOARD_EXCLUDED: {forgotten}"
+    both = sorted(on_panels & set(DASHBOARD_EXCLUDED))
+    assert not both, f"on a panel and excluded: {both}"

@@ -9,11 +9,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from prometheus_client import start_http_server
-
-from tabserve_common.address import split_address
 from tabserve_common.logs import configure_logging
 from tabserve_common.settings import SettingsError
+from tabserve_monitor.endpoint import start_endpoint
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.settings import MonitorSettings
 
@@ -24,11 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    host, port = split_address(settings.metrics_address)
     try:
         monitor = Monitor(settings)
-        metrics_server, _ = start_http_server(port, addr=host, certfile=settings.metrics_cert_file or None,
-                                              keyfile=settings.metrics_key_file or None)
+        metrics_server = start_endpoint(settings, monitor.state)
     except SettingsError as exc:
         logging.getLogger("tabserve_monitor").error("cannot start: %s", exc)
         return 2

@@ -32,6 +32,7 @@ from tabserve_client.control import RECONNECT_OPTIONS, ControlClient, ControlErr
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.registry import Problem, RegistryError, RegistryWatcher, Resolution, Target
 from tabserve_monitor.settings import MonitorSettings
+from tabserve_monitor.state import MonitorState
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Monitor:
         self._failure_seen: tuple[str, int] = ("", 0)  # (failed_version, failed_attempts) already counted
         self._last_problem = Problem.NONE
         self._last_ambiguity = ""
+        self.state = MonitorState(settings.model_name, self.watcher.follows, settings.canary)
 
     def close(self) -> None:
         self._control.close()
@@ -105,12 +107,15 @@ class Monitor:
             target = resolution.target
             if target is not None and not target.ready:
                 log.warning("%s version %s is %s, not READY: not stated", target.name, target.version, target.status)
+                self.state.update(registry_problem="target_not_ready",
+                                  registry_detail=f"version {target.version} is {target.status}, not READY")
                 target = None
             self._target = target
         # On a registry failure the last resolved target is re-asserted: harmless (idempotent), and
         # a server restarted meanwhile is told what it should serve.
         target = self._target
         self.metrics.target_version.set(_version_number(target.version) if target else 0)
+        self.state.update(target_version=target.version if target else "", last_poll_at=time.time())
         status = self._state_and_verify(target)
         self._probe_health()
         self._probe_canary()
@@ -131,6 +136,7 @@ class Monitor:
             resolution = self.watcher.resolve()
         except RegistryError as exc:
             self.metrics.registry_up.set(0)
+            self.state.update(registry_up=False, registry_detail=str(exc))
             log.warning("registry poll failed: %s", exc)
             return None
         finally:
@@ -138,6 +144,9 @@ class Monitor:
         self.metrics.registry_up.set(1)
         self.metrics.last_successful_poll.set(time.time())
         self.metrics.target_ambiguous.set(1 if resolution.ambiguous else 0)
+        problem = "" if resolution.problem is Problem.NONE else resolution.problem.value
+        self.state.update(registry_up=True, registry_problem=problem, registry_detail=resolution.detail,
+                          ambiguous=resolution.ambiguous)
         self.metrics.alias_dangling.set(1 if resolution.problem in (Problem.ALIAS_DANGLING, Problem.STAGE_EMPTY) else 0)
         self.metrics.model_missing.set(1 if resolution.problem is Problem.MODEL_MISSING else 0)
         target = resolution.target
@@ -165,10 +174,13 @@ class Monitor:
             status = self._control.status()
         except ControlError as exc:
             self.metrics.control_up.set(0)
+            self.state.update(control_up=False, load_state="", last_error="")
             log.warning("control call to %s failed: %s %s", self.settings.control_address, exc.code, exc.details)
             self._observe_served(None, target)
             return None
         self.metrics.control_up.set(1)
+        self.state.update(control_up=True, last_error=status.last_error,
+                          load_state=control_pb2.LoadState.Name(status.load_state).removeprefix("LOAD_STATE_"))
         self._observe_served(status.serving.version if status.serving.model_name else "", target)
         self._observe_failure(status, target)
         return status
@@ -180,10 +192,12 @@ class Monitor:
             if self._served is not None and served and served != self._served:
                 log.info("server now serves version %s (was %s)", served, self._served or "nothing")
                 self.metrics.reloads.labels("success").inc()
+                self.state.reload("success", served, self._served)
             self._served = served
             self.metrics.served_version.set(_version_number(served))
         else:
             self.metrics.served_version.set(0)
+        self.state.update(served_version=served or "")
         if target is None or (served is not None and served == target.version):
             self._mismatch_since = None
         elif self._mismatch_since is None:
@@ -201,6 +215,7 @@ class Monitor:
             log.error("server failed to load %s version %s (attempt %d): %s", status.aspired.model_name, failed,
                       attempts, status.last_error)
             self.metrics.reloads.labels("failure").inc(new)
+            self.state.reload("failure", failed, self._served or "", status.last_error)
         self._failure_seen = (failed, attempts)
 
     def _probe_health(self) -> None:
@@ -209,8 +224,11 @@ class Monitor:
                                           timeout=self.settings.rpc_timeout_seconds)
         except grpc.RpcError:
             self.metrics.server_up.set(0)
+            self.state.update(server_up=False)
             return
-        self.metrics.server_up.set(1 if response.status == health_pb2.HealthCheckResponse.SERVING else 0)
+        up = response.status == health_pb2.HealthCheckResponse.SERVING
+        self.metrics.server_up.set(1 if up else 0)
+        self.state.update(server_up=up)
 
     def _probe_canary(self) -> None:
         """Score one row as a client would. The row is all NaN ("missing"), sized from GetModelInfo."""
@@ -218,6 +236,7 @@ class Monitor:
             return
         timeout = self.settings.rpc_timeout_seconds
         ok, result = False, "failure"
+        seconds: float | None = None
         try:
             if self._canary_request is None:
                 info = self._scoring.GetModelInfo(scoring_pb2.GetModelInfoRequest(), timeout=timeout)
@@ -227,7 +246,8 @@ class Monitor:
                 self._canary_request, self._canary_version = request, info.version
             started = time.perf_counter()
             response = self._scoring.Score(self._canary_request, timeout=timeout)
-            self.metrics.canary_duration.observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.canary_duration.observe(seconds)
             scores = list(response.scores)
             ok = len(scores) == 1 and 0.0 <= scores[0] <= 1.0
             if not ok:
@@ -247,3 +267,4 @@ class Monitor:
                 log.warning("canary Score on %s failed: %s", self.settings.public_address, code)
         self.metrics.canary_up.set(1 if ok else 0)
         self.metrics.canary_requests.labels("success" if ok else result).inc()
+        self.state.update(canary_result="success" if ok else result, canary_seconds=seconds)

@@ -67,6 +67,10 @@ class MonitorSettings(Settings):
         "", "PEM certificate chain: serve /metrics over HTTPS (with metrics_key_file); empty: plain HTTP."
     )
     metrics_key_file: str = setting("", "PEM private key of metrics_cert_file.")
+    server_metrics_url: str = setting(
+        "http://127.0.0.1:9100/metrics", "The server's /metrics, read when the status page (/ on metrics_address) "
+        "is shown, for its score histogram; https:// is verified with tls_ca_file; empty: no histogram."
+    )
     backoff_max_seconds: float = setting(60.0, "Longest wait between polls after consecutive failures.", above=0)
     rpc_timeout_seconds: float = setting(
         5.0, "Deadline of each call to the server and of one registry HTTP request.", above=0

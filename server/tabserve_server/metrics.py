@@ -16,11 +16,16 @@ from prometheus_client.registry import Collector
 
 from tabserve_server.core.manager import LoadOutcome
 from tabserve_server.core.model import LoadedModel
+from tabserve_server.transport.admission import REASONS as REFUSAL_REASONS
 
 PREFIX = "tabserve_server_"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SCORE_BUCKETS = tuple(round(x, 2) for x in np.arange(0.05, 1.0001, 0.05))
 _EDGES = tuple(float(edge) for edge in SCORE_BUCKETS)
+# Label values created at start (value 0), so that dashboards and alerts see every series before the first event.
+LOAD_RESULTS = ("success", "failure")
+LOAD_FAILURE_REASONS = ("refused", "crash", "timeout", "registry_unreachable", "unexpected")
+PRUNE_REASONS = ("size", "age")
 
 
 class ScoreHistogram(Collector):
@@ -89,6 +94,8 @@ class DecisionLogMetrics:
             PREFIX + "decision_log_files_pruned", "Decision log files removed by retention, by reason (size, age).",
             ["reason"], registry=registry,
         )
+        for reason in PRUNE_REASONS:
+            self.files_pruned.labels(reason)
 
 
 class ServerMetrics:
@@ -117,6 +124,8 @@ class ServerMetrics:
             PREFIX + "requests_refused", "Public RPCs refused for load (UNAVAILABLE with pushback), by reason "
             "(queue_full, queue_time, deadline, caller_share).", ["reason"], registry=registry,
         )
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason)
         self.model_info = Gauge(
             PREFIX + "model_info", "The served model version (value 1).",
             ["model_name", "model_version", "loaded_from"], registry=registry,
@@ -137,6 +146,10 @@ class ServerMetrics:
             PREFIX + "model_load_failures", "Failed load attempts, by reason (refused, crash, timeout, "
             "registry_unreachable, unexpected).", ["reason"], registry=registry,
         )
+        for result in LOAD_RESULTS:
+            self.model_loads.labels(result)
+        for reason in LOAD_FAILURE_REASONS:
+            self.model_load_failures.labels(reason)
         self.model_load_failing = Gauge(
             PREFIX + "model_load_failing", "1 while the aspired version failed to load and is not served.",
             registry=registry,
