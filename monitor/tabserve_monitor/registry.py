@@ -1,12 +1,22 @@
 """Resolve which version of a registered model should be served, with MLflow metadata calls only.
 
 Contract:
-- One poll costs a constant number of metadata calls, each reading a bounded number of rows:
-  `get_model_version_by_alias` for an alias, or, for a legacy stage, `search_registered_models`
-  with an exact name filter (the registry computes the latest version per stage in SQL).
+- One poll costs a constant number of metadata calls, each returning a bounded number of rows:
+  `get_model_version_by_alias` for an alias. For a legacy stage, a change check: the model's most
+  recently updated version (`search_model_versions` ordered by last-updated time, one row) and the
+  chosen version itself (`get_model_version`, a primary-key read). Only when either moved (or every
+  `audit_interval_seconds`, the safety net) does the poll read the stage in full with
+  `search_registered_models` and an exact name filter, whose latest-version-per-stage window query
+  reads every version of the model in the database.
   `get_registered_model` and `get_latest_versions` are avoided on purpose: MLflow's SQL store
   loads every version of the model to answer them, so their cost grows with the registry.
   Nothing downloads an artifact. `tests/test_monitor_poll_cost.py` proves it.
+- Why the change check is enough: MLflow sets a version's last-updated time on every write to it
+  (creation, stage transition, including the versions archived by one), so a version entering the
+  stage becomes the most recently updated one; the chosen version leaving the stage, being deleted
+  (deleted versions drop out of searches) or changing status shows in its own read. What the check
+  can miss (a version other than the chosen one deleted from the stage, or a registry clock set
+  back) waits for the safety-net full read.
 - The result is pinned: `models:/<name>/<version>`, never the moving alias.
 - A missing alias, an alias left on a deleted version, or a deleted registered model is a
   classification (`Resolution.problem`), not an error and never a target: the server keeps serving.
@@ -23,7 +33,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -83,6 +93,15 @@ class Resolution:
     audited: bool = False
 
 
+@dataclass(frozen=True)
+class StageRead:
+    """The last full read of the followed stage, with the change marker read just before it."""
+
+    marker: tuple[str, ...]  # the most recently updated version: version, last-updated ms, stage, status
+    resolution: Resolution
+    at: float  # monotonic clock
+
+
 def _is_registry_answer(exc: BaseException) -> bool:
     """The registry answered with a refusal (as opposed to being unreachable or failing)."""
     return str(getattr(exc, "error_code", "")) in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
@@ -120,6 +139,8 @@ class RegistryWatcher:
         self._client = client
         self._clock = clock
         self._audit: StageAudit | None = None
+        self._read: StageRead | None = None
+        self._audit_failed = False
 
     @property
     def follows(self) -> str:
@@ -178,6 +199,47 @@ class RegistryWatcher:
         return next((rm for rm in found if rm.name == self.model_name), None)
 
     def _resolve_stage(self) -> Resolution:
+        # The marker is read before the full read: a change landing between the two moves the marker
+        # again, so the next poll reads in full rather than missing it.
+        marker = self._change_marker()
+        last = self._read
+        if (
+            last is not None
+            and marker
+            and marker == last.marker
+            and self._clock() - last.at < self.audit_interval_seconds
+            and self._target_unchanged(last.resolution.target)
+        ):
+            return replace(last.resolution, audited=False)
+        resolution = self._read_stage()
+        # A failed audit is retried by the next poll's full read, as before the change check existed.
+        self._read = None if self._audit_failed else StageRead(marker, resolution, self._clock())
+        return resolution
+
+    def _change_marker(self) -> tuple[str, ...]:
+        """The model's most recently updated version, as (version, last-updated ms, stage, status); () if none."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated since MLflow 2.9
+            found = self.client().search_model_versions(
+                filter_string=name_filter(self.model_name), max_results=1, order_by=["last_updated_timestamp DESC"]
+            )
+        return next((tuple(str(v) for v in (mv.version, mv.last_updated_timestamp, mv.current_stage, mv.status))
+                     for mv in found), ())
+
+    def _target_unchanged(self, target: Target | None) -> bool:
+        """The version chosen at the last full read is still there, in the stage, with the same status."""
+        if target is None:
+            # An empty stage fills only by a transition, which moves the marker.
+            return True
+        try:
+            mv = self.client().get_model_version(self.model_name, target.version)
+        except Exception as exc:
+            if not _is_registry_answer(exc):
+                raise
+            return False  # deleted
+        return str(mv.current_stage).lower() == self.stage.lower() and str(mv.status) == target.status
+
+    def _read_stage(self) -> Resolution:
         registered = self.registered_model()
         if registered is None:
             return Resolution(None, Problem.MODEL_MISSING, detail=f"registered model {self.model_name!r} not found")
@@ -216,7 +278,9 @@ class RegistryWatcher:
         except Exception as exc:
             # The flag keeps its last known value; the audit is retried on the next poll.
             log.warning("stage audit of %s failed: %s", self.model_name, exc)
+            self._audit_failed = True
             return False
+        self._audit_failed = False
         return True
 
     def stage_versions(self) -> tuple[str, ...]:
