@@ -27,8 +27,9 @@ class MonitorSettings(Settings):
     poll_interval_seconds: float = setting(5.0, "Time between registry polls.", above=0)
     audit_interval_seconds: float = setting(
         300.0,
-        "Legacy stage only: how often all versions are listed to find a stage holding several (target_ambiguous); "
-        "also runs when the registered model changes. Polls themselves never list versions.",
+        "Legacy stage only: how often all versions are listed to find a stage holding several (target_ambiguous), "
+        "and the longest time between full reads of the stage (polls read it in full only when their change check "
+        "sees a write); the listing also runs when the registered model changes. Polls never list versions.",
         above=0,
     )
     control_address: str = setting(
