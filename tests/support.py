@@ -14,9 +14,11 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -66,6 +68,20 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def loopback_servicer(add: Callable[[Any, Any], None], servicer: Any) -> Iterator[int]:
+    """`servicer` alone on a plain gRPC server on loopback port 0 (`add`: its generated add_*_to_server): the port;
+    stopped on exit."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add(servicer, server)
+    port: int = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
 
 
 def server_settings(tracking_uri: str, cache_dir: Path, **overrides: Any) -> ServerSettings:

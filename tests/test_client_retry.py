@@ -9,7 +9,6 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -22,6 +21,7 @@ from tabserve_demo.processes import free_port
 from tabserve_monitor.loop import Monitor
 from tabserve_monitor.metrics import MonitorMetrics
 from tabserve_monitor.settings import MonitorSettings
+from tests.support import loopback_servicer
 
 PUSHBACK_MS = 150
 
@@ -57,12 +57,8 @@ class Scripted(scoring_pb2_grpc.ScoringServicer):
 @pytest.fixture
 def scripted() -> Iterator[tuple[Scripted, str]]:
     servicer = Scripted()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    scoring_pb2_grpc.add_ScoringServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    server.stop(0)
+    with loopback_servicer(scoring_pb2_grpc.add_ScoringServicer_to_server, servicer) as port:
+        yield servicer, f"127.0.0.1:{port}"
 
 
 def test_overload_is_retried_after_the_pushback_with_one_request_id(scripted: tuple[Scripted, str]) -> None:

@@ -69,6 +69,7 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "log_level", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'verbose'"),
     (ServerSettings, "log_format", "logfmt", "must be one of TEXT, JSON, got 'logfmt'"),
     (ServerSettings, "allow_pyfunc", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),
+    (ServerSettings, "tracing", "otlp", "must be true or false (also 1/0, yes/no, on/off), got 'otlp'"),
     (ServerSettings, "allow_schema_change", "2", "must be true or false (also 1/0, yes/no, on/off), got '2'"),
     (ServerSettings, "decision_log_inputs", "rows", "must be one of DIGEST, FULL, NONE, got 'rows'"),
     (ServerSettings, "decision_log_required", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),

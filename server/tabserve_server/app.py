@@ -14,7 +14,7 @@ import logging
 import threading
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +43,11 @@ from tabserve_server.transport.inference_v2 import SERVICE_NAME as INFERENCE_SER
 from tabserve_server.transport.inference_v2 import InferenceServicer
 from tabserve_server.transport.scoring import ScoringServicer
 from tabserve_server.transport.tls import bind
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from tabserve_server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,8 @@ class ServingApp:
 
     `supervised`: a worker of a multi-worker server (the supervisor package): the public port is shared
     (SO_REUSEPORT) and nothing is loaded until the supervisor states the aspired version. `worker` names the
-    process's decision log file set.
+    process's decision log file set. `span_exporter`: where the spans go when `tracing` is on (default: OTLP, as
+    tracing.py says).
     """
 
     def __init__(
@@ -84,9 +90,13 @@ class ServingApp:
         registry: CollectorRegistry | None = None,
         supervised: bool = False,
         worker: str = SINGLE_WORKER,
+        span_exporter: SpanExporter | None = None,
     ) -> None:
         self.settings = settings
         self.supervised = supervised
+        self.process = worker if supervised else "server"
+        self._span_exporter = span_exporter
+        self.tracing: Tracing | None = None
         self.metrics = ServerMetrics(registry or CollectorRegistry())
         self.loader = loader or ModelLoader(loader_config(settings))
         self.manager = ModelManager(
@@ -122,6 +132,10 @@ class ServingApp:
         configure_mlflow(config.tracking_uri, config.registry_uri, config.registry_timeout_seconds)
         s = self.settings
         token = s.control_token_value()
+        if s.tracing:  # imported only when on: a server without tracing never loads the SDK
+            from tabserve_server.tracing import Tracing, provider
+
+            self.tracing = Tracing(provider(self.process, self._span_exporter), self.public_services)
         self._start_public()
         if s.health_address:
             self._health_server = grpc.server(
@@ -177,7 +191,9 @@ class ServingApp:
         self.metrics.waiting.set_function(pool.queued_now)
         edge = Edge(self.metrics, self.accepting, CallerPolicy(allowed) if allowed else None, self.admission,
                     identify=bool(s.tls_client_ca_file))
-        self._public = grpc.server(pool, interceptors=[edge], options=options)
+        tracing = self.tracing
+        interceptors = [edge] if tracing is None else [tracing.spans(), edge, tracing.call_attributes()]
+        self._public = grpc.server(pool, interceptors=interceptors, options=options)
         scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(self.dataplane), self._public)
         open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, self.accepting), self._public
@@ -213,6 +229,8 @@ class ServingApp:
             self._public.stop(grace).wait()
         if self.decisions is not None:  # every answered call has submitted its record by now
             self.decisions.close(DECISION_LOG_CLOSE_SECONDS)
+        if self.tracing is not None:
+            self.tracing.shutdown()
         for server in (self._health_server, self._control):
             if server is not None:
                 server.stop(0).wait()

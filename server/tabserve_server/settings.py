@@ -181,6 +181,12 @@ class ServerSettings(Settings):
     )
     log_level: str = setting("INFO", "Logging level (any case).", choices=LOG_LEVELS)
     log_format: str = log_format_setting()
+    tracing: bool = setting(
+        False, "Trace the public calls (scoring API, V2) with OpenTelemetry: one server span per call, child of the "
+        "caller's traceparent, with the request id and model version, exported over OTLP/gRPC as the standard "
+        "OTEL_EXPORTER_OTLP_* and OTEL_TRACES_SAMPLER variables say (README, Logs and traces). False: no "
+        "interceptor, no work per call.",
+    )
 
     def check(self) -> None:
         self.require_together("tls_cert_file", "tls_key_file")
