@@ -76,7 +76,8 @@ run: $(STAMP)
 	$(PY) -m tabserve_demo.embedded --data-dir $(DATA)
 
 ## demo: scripted tour in a fresh temporary registry: score, explain a decline, promote a version and watch the
-## switch, promote a broken one and watch it refused while the good one keeps serving; exits 0 when all held
+## switch, promote a broken one and watch it refused while the good one keeps serving, verify the decision log,
+## end with `tabserve-admin registry check` (--deep finds the broken version, as expected); exits 0 when all held
 demo: $(STAMP)
 	$(PY) -m tabserve_demo.tour
 

@@ -32,8 +32,8 @@ def test_demo_tour_end_to_end(tmp_path: Path) -> None:
         pytest.fail(f"the tour did not finish within {TOUR_TIMEOUT_S}s:\n{out[-4000:]}\n{err[-4000:]}")
     print(out)
     assert tour.returncode == 0, f"tour failed ({tour.returncode}):\n{out[-4000:]}\n{err[-4000:]}"
-    for number in range(1, 9):
-        assert f"[{number}/8] " in out
+    for number in range(1, 10):
+        assert f"[{number}/9] " in out
     # The decision words come from the version's tags, as the server reports them.
     assert "(decline when P(default) >= threshold, else approve)" in out
     # One declined applicant with its coded reasons, never age.
@@ -61,6 +61,12 @@ def test_demo_tour_end_to_end(tmp_path: Path) -> None:
     # The decision log verified after the stop: one set, intact, closed.
     assert re.search(r"^ {8}worker-0: 1 file\(s\), \d+ record\(s\) checked, \d+ decision\(s\), closed$", out, re.M), out
     assert "decision log: intact" in out
+    # The registry check last: metadata clean (exit 0); --deep finds the broken version 3 only, which the tour expects.
+    assert "$ tabserve-admin registry check credit-default --tracking-uri" in out
+    assert "OK: nothing wrong (metadata only" in out
+    assert re.search(r"^ {8}artifact_missing +credit-default +3 ", out, re.M), out
+    assert "exit status 1, as this demo expects: the tour broke version(s) 3 on purpose" in out
+    assert "registry check: metadata OK; --deep finds only the broken version(s) 3" in out
     assert out.rstrip().endswith("OK")
     # An explicit data dir is kept, with the logs of both processes.
     assert (data_dir / "mlflow.db").is_file()

@@ -4,7 +4,8 @@ Bootstraps a SQLite MLflow registry with the demo model, starts the server and t
 processes on free loopback ports, scores applicants (and shows one declined applicant's reasons and its
 decision log line), promotes
 a new version (and times the switch), promotes a broken version (and shows the server keeping the good one),
-rolls back, stops both and verifies the decision log's chain. Every wait is
+rolls back, stops both, verifies the decision log's chain and ends with `tabserve-admin registry check` on the
+tour's registry (tour_registry.py: which findings the deliberately broken version makes expected). Every wait is
 bounded; any failed step ends the tour with a non-zero exit code and the tail of the process logs.
 """
 
@@ -31,6 +32,7 @@ from tabserve_demo.processes import ChildProcess, MonitorProcess, ServerProcess
 from tabserve_demo.tour_decisions import show_decision_record, verify_decision_log
 from tabserve_demo.tour_output import STEPS, TourError, detail, metric_or_none, say, step, wait_until
 from tabserve_demo.tour_reasons import show_declined_applicant
+from tabserve_demo.tour_registry import check_registry
 
 MODEL_NAME: Final = "credit-default"
 ALIAS: Final = "production"
@@ -81,6 +83,10 @@ class Tour:
             self._broken_step(client, rows, monitor.metrics_port)
             self._rollback_step(monitor.metrics_port)
         self._stop_step(server, monitor)
+        self._step(9, f"Check the registry's health: tabserve-admin registry check {MODEL_NAME}")
+        broken = [str(v.version) for v in self.registry.search_model_versions(f"name='{MODEL_NAME}'")
+                  if _is_broken(self.registry, v)]
+        self.summary.append(check_registry(self.tracking_uri, MODEL_NAME, broken))
 
     # --- the steps -----------------------------------------------------------------------------------
 
@@ -259,12 +265,9 @@ class Tour:
         tracking_uri = bootstrap_embedded_registry(self.data_dir, model_name=MODEL_NAME)
         registry = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         current = registry.get_model_version_by_alias(MODEL_NAME, ALIAS)
-
-        def is_broken(version: Any) -> bool:
-            return str(registry.get_run(version.run_id).data.params.get("broken", "no")) != "no"
-
-        if is_broken(current):  # a previous tour in this data dir stopped after promoting the broken version
-            good = max((v for v in registry.search_model_versions(f"name='{MODEL_NAME}'") if not is_broken(v)),
+        if _is_broken(registry, current):  # a previous tour in this data dir stopped after promoting the broken one
+            good = max((v for v in registry.search_model_versions(f"name='{MODEL_NAME}'")
+                        if not _is_broken(registry, v)),
                        key=lambda v: int(v.version))
             registry.set_registered_model_alias(MODEL_NAME, ALIAS, good.version)
             detail(f"alias {ALIAS} was on broken version {current.version}: moved back to {good.version}")
@@ -315,6 +318,11 @@ class Tour:
             self.control.close()
         for child in reversed(self.children):
             child.stop(STOP_TIMEOUT_S)
+
+
+def _is_broken(registry: Any, version: Any) -> bool:
+    """A version the tour registered broken on purpose (its run's parameter `broken`)."""
+    return str(registry.get_run(version.run_id).data.params.get("broken", "no")) != "no"
 
 
 def _monitor_metric(port: int, name: str, **labels: str) -> float:

@@ -9,7 +9,7 @@ from typing import Final, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-STEPS: Final = 8
+STEPS: Final = 9
 
 T = TypeVar("T")
 
