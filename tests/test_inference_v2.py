@@ -324,6 +324,24 @@ def test_typed_contents_fp64_and_fp32(app: ServingApp, client: ScoringClient) ->
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'input'" in (caught.value.details() or "")
 
 
+def test_model_infer_looks_the_live_model_up_once(app: ServingApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows are decoded against the version captured first, and the call runs on it: one lookup per call."""
+    lookups: list[int] = []
+    current = app.manager.current
+
+    def counted() -> Any:
+        lookups.append(1)
+        return current()
+
+    monkeypatch.setattr(app.manager, "current", counted)
+    matrix = rows(1, seed=3)
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{app.public_port}"))
+    request = pb.ModelInferRequest(model_name=MODEL_NAME, raw_input_contents=[matrix.tobytes()])
+    request.inputs.add(name="input-0", datatype="FP64", shape=list(matrix.shape))
+    assert stub.ModelInfer(request).model_version == "1"
+    assert len(lookups) == 1
+
+
 def test_health_and_reflection_list_the_inference_service(app: ServingApp) -> None:
     channel = grpc.insecure_channel(f"127.0.0.1:{app.public_port}")
     health = health_pb2_grpc.HealthStub(channel)

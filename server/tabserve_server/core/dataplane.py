@@ -148,7 +148,14 @@ class DataPlane:
     ) -> ScoreResult:
         """Score `batch` on the live version (checked against `name`/`version`) for the caller in `request`;
         with `explain`, give the reasons of the rows it asks for."""
-        model = self.model(name, version)
+        return self.score_on(self.model(name, version), batch, request, explain)
+
+    def score_on(
+        self, model: LoadedModel, batch: RowBatch, request: RequestContext = UNKNOWN_CALLER,
+        explain: ExplainOptions | None = None,
+    ) -> ScoreResult:
+        """`score` on `model`, a version the transport already captured with `model()` (to decode its request
+        against that version's schema): the call runs on it, and the live model is looked up once per call."""
         rows = batch.row_count()
         if explain is not None:
             explain = explain.checked()

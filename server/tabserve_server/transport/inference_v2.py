@@ -222,8 +222,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         names = requested_outputs(request, explain is not None)
         batch = decode_inputs(request, model)
         check_deadline(context)
-        # The data plane captures the live version again and validates the rows against it.
-        result = self._dataplane.score(
-            batch, request.model_name, request.model_version, request_context(context), explain
-        )
+        # The rows were decoded against `model`'s schema: the call runs on that version, captured once.
+        result = self._dataplane.score_on(model, batch, request_context(context), explain)
         return encode_outputs(request, result, names, explain.top_k if explain is not None else 0)
