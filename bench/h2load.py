@@ -29,6 +29,8 @@ from bench.serving import score_request
 from tabserve_demo.processes import ChildProcess
 
 CONNECTIONS = 16  # 16 concurrent callers, one connection each (SO_REUSEPORT spreads connections, not streams)
+# Issue 18: against the fast-path reference, >= 0.9 replaces the old ">= 1.0 against Booster.predict's reference".
+SINGLE_ROW_TARGET = "single-row throughput vs fast path (h2load)"
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,8 @@ def run(
     rates = {name: add_runs(result, name, label, name_runs) for name, name_runs in runs.items()}
     failed = sum(r.failed for r in runs["project"])
     result.targets.append(Target(
-        "single-row throughput, one process", ratio(rates["project"], rates["reference"]), 1.0, False,
-        f"verified OK calls/s, project / reference, h2load {CONNECTIONS} connections x 1 stream",
+        SINGLE_ROW_TARGET, ratio(rates["project"], rates["reference"]), 0.9, False,
+        f"verified OK calls/s, project / fast-path reference, h2load {CONNECTIONS} connections x 1 stream",
         extra_ok=failed == 0, detail=f"{failed} failed calls" if failed else "",
     ))
     return result.as_dict()

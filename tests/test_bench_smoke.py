@@ -51,7 +51,7 @@ def test_quick_run_reports_every_section(tmp_path: Path) -> None:
     # Every target of issue 4 built here is decided with a measured ratio.
     names = {t["name"] for t in results["targets"]}
     assert {
-        "single-row p50 via client", "single-row p99 via client", "single-row throughput, one process",
+        "single-row p99 via client", "single-row throughput vs fast path (h2load)",
         "1000-row rows/s vs Booster.predict", "reload under load: p99 vs steady, zero failures",
         "single-row throughput, mutual TLS vs plaintext",
         "explained single row p50 vs pred_contrib + serving", "explained 1000-row rows/s vs pred_contrib",
