@@ -161,7 +161,6 @@ def test_truncated_object_refused(deployment: Deployment) -> None:
     print(f"{deployment.mode}: truncated model.lgb refused: {error}")
 
 
-@pytest.mark.parametrize("deployment", ["proxied"], indirect=True)
 def test_database_restart_and_startup_from_cache(deployment: Deployment, stores: Stores) -> None:
     """PostgreSQL stopped while serving: scoring unaffected, the monitor says the registry is down, a server
     started meanwhile serves the cached version; PostgreSQL back: everything converges again."""
