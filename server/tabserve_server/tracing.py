@@ -16,6 +16,7 @@ When off, the server neither imports this module nor installs an interceptor: no
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,8 +34,9 @@ MODEL_NAME = "tabserve.model.name"
 MODEL_VERSION = "tabserve.model.version"
 PROCESS = "tabserve.process"
 DEFAULT_SERVICE_NAME = "tabserve-server"
-# Longest a stop waits for the last spans to be exported (an unreachable collector must not hold the stop).
-FLUSH_MILLIS = 5000
+# Longest a stop waits for the last spans to be exported (an unreachable collector must not hold the stop: the OTLP
+# exporter alone retries for up to its 10 s timeout, measured 7.6 s against a closed port).
+FLUSH_SECONDS = 5.0
 
 
 def provider(process: str, exporter: SpanExporter | None = None) -> TracerProvider:
@@ -46,7 +48,7 @@ def provider(process: str, exporter: SpanExporter | None = None) -> TracerProvid
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()
-    traces = TracerProvider(resource=resource)
+    traces = TracerProvider(resource=resource, shutdown_on_exit=False)  # Tracing.shutdown does it, bounded
     traces.add_span_processor(BatchSpanProcessor(exporter))
     return traces
 
@@ -69,9 +71,10 @@ class Tracing:
         return _CallAttributes(self._traced)
 
     def shutdown(self) -> None:
-        """Export what is left (bounded by FLUSH_MILLIS), then stop the exporter."""
-        self.traces.force_flush(FLUSH_MILLIS)
-        self.traces.shutdown()
+        """Export what is left and stop the exporter, waiting at most FLUSH_SECONDS (then the rest is lost)."""
+        stopping = threading.Thread(target=self.traces.shutdown, name="tracing-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(FLUSH_SECONDS)
 
 
 class _KeepThreadPool(grpc.ServerInterceptor):  # type: ignore[misc]
