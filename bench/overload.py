@@ -5,8 +5,11 @@ On one project server of its own (production configuration), in order:
 1. peak: h2load, 16 connections x 1 stream, timed (as the h2load section): verified OK calls/s, the peak P;
 2. unloaded: the probe (`PROBES` Python callers, raw stubs, sequential single rows) alone: its p99;
 3. flood: h2load sends 10 x P x `seconds` requests at 10 x P calls/s (`--rps` over `FLOOD_CONNECTIONS`
-   connections of up to `FLOOD_STREAMS` streams each) while the probe keeps calling; h2load sends no faster than
-   its open streams are answered, so the rate it reached is reported beside the one asked;
+   connections) while the probe keeps calling. Each connection has at most as many streams open as the server
+   allows (its `max_concurrent_streams`, at most `FLOOD_STREAMS`), as a gRPC client that learnt the limit in
+   the handshake would: h2load holds the other requests on its side and sends one when a stream closes, so it
+   sends no faster than its open streams are answered. The section reports the rate asked (offered) and the
+   rate sent, plainly different;
 4. RSS of the server before the flood and `SETTLE_SECONDS` after it.
 
 h2load cannot read gRPC status codes, so the accounting is the server's own: its
@@ -22,6 +25,7 @@ unloaded. Goodput is every OK call the server answered during the flood, per sec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -140,13 +144,23 @@ class Answers:
         return Answers(+codes, self.refused - before.refused)
 
 
-def flood(binary: str, port: int, body: Path, *, rate: float, seconds: float) -> Flood:
-    """`rate` x `seconds` requests at `rate` calls/s (h2load --rps, spread over the connections)."""
+def server_stream_limit(max_concurrent_streams: int | None) -> int:
+    """The server's stream limit per connection with `max_concurrent_streams` (None: the setting's default)."""
+    from tabserve_server.settings import ServerSettings
+
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
+    chosen = defaults["max_concurrent_streams"] if max_concurrent_streams is None else max_concurrent_streams
+    return int(chosen or defaults["max_workers"])
+
+
+def flood(binary: str, port: int, body: Path, *, rate: float, seconds: float, streams: int) -> Flood:
+    """`rate` x `seconds` requests at `rate` calls/s (h2load --rps, spread over the connections), at most
+    `streams` open per connection."""
     requests = max(FLOOD_CONNECTIONS, int(rate * seconds))
     per_connection = max(1, math.ceil(rate / FLOOD_CONNECTIONS))
     url = f"http://127.0.0.1:{port}/{SCORE_METHOD}"
     args = [
-        binary, "-n", str(requests), "-c", str(FLOOD_CONNECTIONS), "-m", str(FLOOD_STREAMS), "-t", "1",
+        binary, "-n", str(requests), "-c", str(FLOOD_CONNECTIONS), "-m", str(streams), "-t", "1",
         "--rps", str(per_connection), "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
         url,
     ]
@@ -157,12 +171,16 @@ def flood(binary: str, port: int, body: Path, *, rate: float, seconds: float) ->
 
 def run(
     binary: str, workdir: Path, rows: np.ndarray, *, quick: bool, start_server: Callable[..., ChildProcess],
-    wait_serving: Callable[[str], None], seconds: float | None = None,
+    wait_serving: Callable[[str], None], seconds: float | None = None, max_concurrent_streams: int | None = None,
 ) -> dict[str, Any]:
+    """`max_concurrent_streams`: the server's setting (None: its default)."""
     result = SectionResult()
     seconds = seconds or (1.0 if quick else 10.0)
+    limit = server_stream_limit(max_concurrent_streams)
+    streams = min(FLOOD_STREAMS, limit)
     body = write_body(workdir / "score-1row-overload.grpc", rows[:1])
-    server = start_server(name="overload")
+    server = start_server(name="overload", **({} if max_concurrent_streams is None else
+                                              {"max_concurrent_streams": max_concurrent_streams}))
     try:
         port, metrics_port = int(server.ports["public_port"]), int(server.ports["metrics_port"])
         wait_serving(f"127.0.0.1:{port}")
@@ -182,7 +200,7 @@ def run(
         before = Answers.read(metrics_port)
         probe.start()
         try:
-            flooded = flood(binary, port, body, rate=OFFERED * peak, seconds=seconds)
+            flooded = flood(binary, port, body, rate=OFFERED * peak, seconds=seconds, streams=streams)
         finally:
             probe.stop()
         answers = Answers.read(metrics_port).since(before)
@@ -191,21 +209,25 @@ def run(
     finally:
         server.stop()
     _report(result, peak=peak, unloaded_p99=unloaded_p99, flooded=flooded, answers=answers, probe=probe,
-            rss=(rss_before, rss_after))
+            rss=(rss_before, rss_after), streams=streams, limit=limit)
     return result.as_dict()
 
 
 def _report(result: SectionResult, *, peak: float, unloaded_p99: float, flooded: Flood, answers: Answers,
-            probe: Probe, rss: tuple[int, int]) -> None:
-    label = f"flood ({OFFERED} x peak, {FLOOD_CONNECTIONS} connections x {FLOOD_STREAMS} streams)"
+            probe: Probe, rss: tuple[int, int], streams: int, limit: int) -> None:
+    label = f"flood ({OFFERED} x peak, {FLOOD_CONNECTIONS} connections x {streams} streams)"
+    # A gRPC client learns the server's stream limit in the handshake and queues calls beyond it on its side;
+    # h2load is told the limit instead (it would send its first streams before the server's SETTINGS arrive).
+    result.add(f"{label}: streams per connection the server allows", "project", H2LOAD, limit, "streams")
     sent = flooded.sent + sum(probe.codes.values())
     ok, refused = answers.codes.get("OK", 0), answers.refused
     unaccounted = sent - ok - refused
     other = {code: n for code, n in answers.codes.items() if code not in ("OK", "UNAVAILABLE")}
     goodput = ok / flooded.seconds if flooded.seconds else float("nan")
     result.add(f"{label}: offered, asked", "project", H2LOAD, OFFERED * peak, "calls/s")
-    # h2load sends no faster than its open streams are answered: what it reached is the load the server saw.
-    result.add(f"{label}: offered, reached", "project", H2LOAD, flooded.sent / flooded.seconds, "calls/s",
+    # h2load sends no faster than its open streams are answered: what it sent is the load the server saw.
+    result.add(f"{label}: sent (h2load held the rest)", "project", H2LOAD, flooded.sent / flooded.seconds,
+               "calls/s",
                samples=flooded.sent)
     result.add(f"{label}: goodput (OK calls/s)", "project", H2LOAD, goodput, "calls/s", samples=int(ok))
     result.add(f"{label}: refused (counted)", "project", H2LOAD, refused, "calls", samples=sent)
@@ -248,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model")
     parser.add_argument("--seconds", type=float, default=None, help="flood length (default 10; --quick 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the section's dict here")
+    parser.add_argument("--max-concurrent-streams", type=int, default=None,
+                        help="the server's max_concurrent_streams (default: the setting's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = ensure_model(TINY if args.quick else FULL)
@@ -260,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                                         name, start_timeout, **overrides)
 
         section = run(ensure_h2load(), workdir, bench_rows(1000), quick=args.quick, start_server=start_server,
-                      wait_serving=wait_serving, seconds=args.seconds)
+                      wait_serving=wait_serving, seconds=args.seconds,
+                      max_concurrent_streams=args.max_concurrent_streams)
     if args.json is not None:
         args.json.write_text(json.dumps(section, indent=2) + "\n")
     print(format_figures({"overload": section}))

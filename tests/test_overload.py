@@ -31,8 +31,10 @@ FEATURES = 189
 
 @pytest.fixture(scope="module")
 def server(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # Streams per connection well above the bounds: the calls reach admission control, which is under test here
+    # (test_overload_streams.py tests the default stream limit, which holds them on the client's side).
     settings = server_settings(tracking_uri, tmp_path_factory.mktemp("overload") / "cache", max_workers=4,
-                               max_waiting=8, max_queue_seconds=0.1)
+                               max_waiting=8, max_queue_seconds=0.1, max_concurrent_streams=1000)
     with settled_server(settings) as running:
         yield running
 

@@ -31,6 +31,7 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "max_workers", "0", "must be >= 1, got 0"),
     (ServerSettings, "max_waiting", "-1", "must be >= 0, got -1"),
     (ServerSettings, "caller_share", "1.5", "must be > 0 and <= 1, got 1.5"),
+    (ServerSettings, "max_concurrent_streams", "-1", "must be >= 0 and <= 2147483647, got -1"),
     (ServerSettings, "predict_threads", "-1", "must be >= 0, got -1"),
     (ServerSettings, "shutdown_grace_seconds", "-1", "must be >= 0, got -1.0"),
     (ServerSettings, "registry_timeout_seconds", "0", "must be > 0, got 0.0"),

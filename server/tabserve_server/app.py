@@ -34,7 +34,13 @@ from tabserve_server.decisions.record import DecisionRecorder, RecordBuilder
 from tabserve_server.listeners import control_tls, public_tls, start_metrics_server
 from tabserve_server.metrics import ServerMetrics
 from tabserve_server.settings import ServerSettings
-from tabserve_server.transport.admission import CORE_OPTIONS, Admission, AdmissionExecutor, Limits
+from tabserve_server.transport.admission import (
+    CORE_OPTIONS,
+    Admission,
+    AdmissionExecutor,
+    Limits,
+    stream_options,
+)
 from tabserve_server.transport.connections import connection_options
 from tabserve_server.transport.control import ControlServicer
 from tabserve_server.transport.edge import Edge
@@ -184,6 +190,7 @@ class ServingApp:
             ("grpc.so_reuseport", 1 if self.supervised else 0),
             *connection_options(s),
             *CORE_OPTIONS,
+            *stream_options(s.stream_limit),
         ]
         allowed = s.allowed_caller_set()
         pool = AdmissionExecutor(s.max_workers)

@@ -101,6 +101,11 @@ class ServerSettings(Settings):
         "(UNAVAILABLE, overloaded). 1: no per-caller limit (a server with one calling service uses every thread); "
         "set it below 1 when several services share a server.", above=0, maximum=1,
     )
+    max_concurrent_streams: int = setting(
+        0, "HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS of a public connection: calls one connection may have open at "
+        "once (a gRPC client queues the rest on its side). It bounds what waits in gRPC core's queue, where admission "
+        "control cannot see it (see Overload); 0: max_workers.", minimum=0, maximum=2**31 - 1,
+    )
     workers: int = setting(
         1, "Worker processes sharing the public port (SO_REUSEPORT); 0: one per core.", minimum=0
     )
@@ -210,6 +215,11 @@ class ServerSettings(Settings):
     @property
     def waiting_limit(self) -> int:
         return self.max_waiting or 2 * self.max_workers
+
+    @property
+    def stream_limit(self) -> int:
+        """Calls one public connection may have open: `max_concurrent_streams`, 0 meaning max_workers."""
+        return self.max_concurrent_streams or self.max_workers
 
     @property
     def decision_inputs(self) -> str:

@@ -47,6 +47,20 @@ CORE_OPTIONS = (
 )
 
 
+def stream_options(max_concurrent_streams: int) -> list[tuple[str, int]]:
+    """gRPC arguments bounding the calls one public connection may have open.
+
+    Calls wait in gRPC core's queue, in arrival order and unseen by `Admission`, until grpcio's polling thread
+    asks for them one at a time; a flood of many open streams is a long wait there for every call behind it.
+    HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS bounds that queue per connection, and a gRPC client holds calls
+    beyond it on its side (transport back-pressure, nothing refused). The bound counts open streams, as HTTP/2
+    does: core's "overload protection" (`grpc.http.overload_protection`, on by default) counts streams still
+    *allocated* instead, so a stream the client already saw closed, but whose call core has not freed yet, gets
+    the client's next, legal stream reset REFUSED_STREAM (a bare HTTP/2 client such as h2load counts an error;
+    no gRPC status or counter of ours sees it)."""
+    return [("grpc.max_concurrent_streams", max_concurrent_streams), ("grpc.http.overload_protection", 0)]
+
+
 @dataclass(frozen=True)
 class Limits:
     """`max_in_flight`: the pool's threads; `max_waiting`: queued calls; `caller_share`: of max_in_flight."""
