@@ -1,7 +1,8 @@
 """deploy/'s custom resources: PodMonitor, PrometheusRule and Certificate valid against models generated from the
 Prometheus Operator's and cert-manager's CRD schemas (unknown fields included); the PrometheusRule carries exactly
 monitor/alerts/ and passes promtool; the scrape jobs are the ones the rules name; the certificate is the one the
-pod mounts, for the names its clients and its monitor use; the autoscaler's metric is one the server exports."""
+pod mounts, for the names its clients and its monitor use; the autoscaler's metric is one the server exports; the
+dashboard ConfigMap holds dashboards/tabserve.json."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tools.gen_alert_rules import main as gen_alert_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitor" / "alerts" / "tabserve.rules.yml"
+DASHBOARD = ROOT / "dashboards" / "tabserve.json"
 MODELS: dict[str, type[Any]] = {
     "PodMonitor": prometheus_operator.PodMonitor,
     "PrometheusRule": prometheus_operator.PrometheusRule,
@@ -150,3 +152,9 @@ def test_autoscaler_metric_is_a_server_gauge(base: list[Manifest]) -> None:
     max_workers = int(named(base, "ConfigMap", "tabserve-server")["data"]["TABSERVE_SERVER_MAX_WORKERS"])
     assert 0 < float(pods["target"]["averageValue"]) < max_workers
     assert containers(base)["server"]["resources"]["requests"]["cpu"]  # Utilization is relative to the request
+
+
+def test_the_dashboard_configmap_holds_the_dashboard(example: list[Manifest]) -> None:
+    dashboard = named(example, "ConfigMap", "tabserve-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar looks for
+    assert dashboard["data"] == {"tabserve.json": DASHBOARD.read_text()}
