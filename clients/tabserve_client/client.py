@@ -112,6 +112,9 @@ class ModelInfo:
     has_reason_table: bool = False  # without one, reasons carry feature names without codes
     # "sha256:<hex>" of the bytes the version was parsed from ('' from a server that does not report it).
     digest: str = ""
+    # The backend scoring it ("lightgbm", "compiled", "pyfunc"; '' from an older server) and its version.
+    backend: str = ""
+    backend_version: str = ""
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -263,6 +266,8 @@ class ScoringClient(ChannelClient):
             adverse_label=m.adverse_label or m.positive_label or "positive",
             has_reason_table=m.has_reason_table,
             digest=m.digest,
+            backend=m.backend,
+            backend_version=m.backend_version,
         )
         self._feature_names, self._feature_version = info.feature_names, info.version
         return info

@@ -11,8 +11,10 @@ once the public listener has drained at shutdown.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ from tabserve.control.v1 import control_pb2_grpc
 from tabserve.inference.v2 import open_inference_grpc_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_common.mlflow_client import configure_mlflow
+from tabserve_server.core.compiling import CompiledBackend
 from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.core.loading import LoaderConfig, ModelLoader, model_name_from_uri
 from tabserve_server.core.manager import LoadState, ModelManager
@@ -166,6 +169,8 @@ class ServingApp:
 
         self.manager.on_swap(self.metrics.model_swapped)
         self.manager.on_swap(self._on_swap)
+        if s.compiled:
+            self.manager.on_swap(self._compiled_backend().model_swapped)
         self.manager.on_load(self.metrics.load_finished)
         self.metrics.model_load_failing.set_function(
             lambda: float(self.manager.status().state is LoadState.FAILED)
@@ -210,6 +215,13 @@ class ServingApp:
         reflection.enable_server_reflection(names, self._public)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.public_port = bind(self._public, s.address, public_tls(s))
+
+    def _compiled_backend(self) -> CompiledBackend:
+        config, s = self.loader.config, self.settings
+        limits = replace(self.loader.limits, timeout_seconds=s.compile_timeout_seconds,
+                         limit_name="compile_timeout_seconds")
+        return CompiledBackend(self.manager, config.cache_dir, limits, config.predict_threads or (os.cpu_count() or 1),
+                               lambda outcome: self.metrics.compiles.labels(outcome).inc())
 
     def _on_swap(self, new: LoadedModel, old: LoadedModel | None) -> None:
         if self._stopped.is_set():

@@ -130,6 +130,15 @@ class ServerMetrics:
             PREFIX + "model_info", "The served model version (value 1).",
             ["model_name", "model_version", "loaded_from"], registry=registry,
         )
+        self.backend_info = Gauge(
+            PREFIX + "backend_info", "The backend scoring the served version (value 1): lightgbm, compiled or "
+            "pyfunc, with its version.", ["backend", "version"], registry=registry,
+        )
+        self.compiles = Counter(
+            PREFIX + "compiles", "Compiled-backend attempts (backend=compiled), by outcome: compiled, cache_hit "
+            "(both serve compiled code), missing, failed, timeout, crash, unverified (the booster keeps serving).",
+            ["outcome"], registry=registry,
+        )
         self.model_loaded = Gauge(
             PREFIX + "model_loaded_timestamp_seconds", "Unix time the served version was swapped in.",
             registry=registry,
@@ -168,6 +177,7 @@ class ServerMetrics:
         self.scores = ScoreHistogram()
         registry.register(self.scores)
         self._served_labels: tuple[str, str, str] | None = None
+        self._backend_labels: tuple[str, str] | None = None
 
     def observe_scores(self, scores: np.ndarray) -> None:
         self.rows_scored.inc(scores.shape[0])
@@ -178,6 +188,10 @@ class ServerMetrics:
             self.model_info.remove(*self._served_labels)
         self._served_labels = (new.name, new.version, new.loaded_from.value)
         self.model_info.labels(*self._served_labels).set(1)
+        if self._backend_labels is not None:
+            self.backend_info.remove(*self._backend_labels)
+        self._backend_labels = new.backend
+        self.backend_info.labels(*self._backend_labels).set(1)
         self.model_loaded.set(new.loaded_at.timestamp())
         self.model_load_duration.set(new.load_duration_seconds)
 

@@ -13,6 +13,7 @@ ENV_PREFIX = "TABSERVE_SERVER_"
 # Durations gRPC takes as a C int of milliseconds (about 24.8 days).
 _MAX_SECONDS = (2**31 - 1) // 1000
 DECISION_INPUTS = ("DIGEST", "FULL", "NONE")
+BACKENDS = ("LIGHTGBM", "COMPILED")
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,16 @@ class ServerSettings(Settings):
     load_timeout_seconds: float = setting(
         120.0, "Wall-clock limit of verifying one model version in its own process; past it, a failed load.", above=0
     )
+    backend: str = setting(
+        "lightgbm", "Prediction backend of LightGBM models: lightgbm (the booster), or compiled (the trees compiled "
+        "to machine code by lleaves in the verifier process while the booster serves, checked against "
+        "Booster.predict, then swapped in; cached under cache_dir; any failure leaves the booster serving and "
+        "status says why).", choices=BACKENDS,
+    )
+    compile_timeout_seconds: float = setting(
+        900.0, "Wall-clock limit of compiling and checking one model version for the compiled backend in the "
+        "verifier process; past it, the booster keeps serving.", above=0,
+    )
     verifier_nice: int = setting(
         0, "Niceness the verifier process adds to the server's (0-19), so request threads win the cores while it "
         "checks a new version; no gain measured on a loaded 2-core machine (docs/performance.md).",
@@ -220,6 +231,11 @@ class ServerSettings(Settings):
     def stream_limit(self) -> int:
         """Calls one public connection may have open: `max_concurrent_streams`, 0 meaning max_workers."""
         return self.max_concurrent_streams or self.max_workers
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled backend was asked for (`backend`, any case)."""
+        return self.backend.lower() == "compiled"
 
     @property
     def decision_inputs(self) -> str:

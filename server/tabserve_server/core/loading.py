@@ -303,6 +303,7 @@ class ModelLoader:
             load_duration_seconds=time.monotonic() - started, schema=artifact.schema, threshold=value,
             threshold_source=source, flavor=artifact.flavor, predictor=artifact.predictor,
             labels=labels, digest=files.digest, reasons=artifact.reasons, adverse_positive=adverse,
+            source_dir=str(directory),
         )
 
 

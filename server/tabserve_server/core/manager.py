@@ -14,6 +14,8 @@ Contract (after TF Serving's AspiredVersionsManager with the availability-preser
 - A statement with `stage_only` (used by the multi-worker supervisor) loads and validates as usual
   but holds the model staged instead of swapping it in; `commit_staged()` swaps it. A newer
   statement discards a staged model that does not satisfy it.
+- `upgrade()` swaps the served version for the same version on another backend (core/compiling.py) only
+  while that version still serves, so it never undoes a newer swap.
 - With nothing served and the aspired version failing (for any reason, for example the registry is
   down at start-up), the last validated model in the local cache is served, and status says so.
 """
@@ -187,6 +189,17 @@ class ModelManager:
             self._staged = None
         self._serve(staged.candidate)
         self._wake.set()
+        return True
+
+    def upgrade(self, served: LoadedModel, better: LoadedModel) -> bool:
+        """Serve `better` (the same version with another predictor or backend note) instead of `served`, if
+        `served` is still what serves; the load state is untouched. True when swapped."""
+        with self._lock:
+            if self._current is not served:
+                return False
+            self._current = better
+        for listener in self._swap_listeners:
+            listener(better, served)
         return True
 
     def on_swap(self, listener: SwapListener) -> None:

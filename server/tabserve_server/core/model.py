@@ -66,7 +66,12 @@ class LightGBMPredictor:
     (see lgbm_fast); batches go through `Booster.predict` with the configured thread count.
     """
 
+    backend_family = "lightgbm"
+
     def __init__(self, booster: Any, batch_threads: int, fast_single_row: bool = True) -> None:
+        import lightgbm
+
+        self.backend_version = str(lightgbm.__version__)
         self.booster = booster
         self._batch_threads = batch_threads
         self.fast = SingleRowFast.create(booster) if fast_single_row else None
@@ -95,6 +100,9 @@ class LightGBMPredictor:
 
 class PyfuncPredictor:
     """Any MLflow pyfunc model (opt-in): called with a DataFrame in the schema's column order."""
+
+    backend_family = "pyfunc"
+    backend_version = ""
 
     def __init__(self, model: Any, schema: FeatureSchema) -> None:
         self.model = model
@@ -142,6 +150,8 @@ class LoadedModel:
     digest: str = ""  # of the bytes it was parsed from (core/artifact.ArtifactFiles.digest)
     reasons: ReasonTable | None = None  # the version's reason table (core/reasons.py), if it has one
     adverse_positive: bool = True  # the adverse decision (what reasons explain) is decision=true
+    source_dir: str = ""  # the directory its files were read from (the compiled backend compiles them again)
+    backend_note: str = ""  # why the configured backend does not serve (yet): compiling, or what failed
 
     def satisfies(self, aspired: AspiredVersion) -> bool:
         """Whether this model is what `aspired` asks for."""
@@ -154,6 +164,13 @@ class LoadedModel:
 
     def predict(self, matrix: FloatMatrix) -> np.ndarray:
         return self.predictor.predict(matrix)
+
+    @property
+    def backend(self) -> tuple[str, str]:
+        """The backend serving it and its version, as status, GetModelInfo and metrics report them:
+        ('lightgbm', '4.7.0'), ('compiled', 'lleaves 1.3.0, llvmlite 0.44.0'), ('pyfunc', '')."""
+        return (str(getattr(self.predictor, "backend_family", self.flavor)),
+                str(getattr(self.predictor, "backend_version", "")))
 
     @property
     def adverse_label(self) -> str:

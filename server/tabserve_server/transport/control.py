@@ -63,6 +63,7 @@ def _served_message(model: LoadedModel) -> Any:
     return control_pb2.ServedVersion(
         model_name=model.name, version=model.version, source_uri=model.source_uri,
         loaded_from=model.loaded_from.value, loaded_at=timestamp(model.loaded_at), digest=model.digest,
+        backend=model.backend[0], backend_version=model.backend[1], backend_note=model.backend_note,
     )
 
 

@@ -95,4 +95,6 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             adverse_label=model.adverse_label,
             has_reason_table=model.reasons is not None,
             digest=model.digest,
+            backend=model.backend[0],
+            backend_version=model.backend[1],
         )

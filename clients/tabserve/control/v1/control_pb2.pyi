@@ -68,20 +68,26 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServedVersion(_message.Message):
-    __slots__ = ("model_name", "version", "source_uri", "loaded_from", "loaded_at", "digest")
+    __slots__ = ("model_name", "version", "source_uri", "loaded_from", "loaded_at", "digest", "backend", "backend_version", "backend_note")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
     LOADED_FROM_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_NOTE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: str
     source_uri: str
     loaded_from: str
     loaded_at: _timestamp_pb2.Timestamp
     digest: str
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., digest: _Optional[str] = ...) -> None: ...
+    backend: str
+    backend_version: str
+    backend_note: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., digest: _Optional[str] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., backend_note: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("serving", "aspired", "load_state", "last_error", "last_error_at", "next_attempt_at", "failed_attempts", "failed_version", "accepting_requests", "staged", "workers", "admission")

@@ -137,7 +137,7 @@ class Feature(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "run_id", "requested_uri", "source_uri", "loaded_from", "loaded_at", "load_duration_seconds", "features", "threshold", "threshold_source", "flavor", "positive_label", "negative_label", "adverse_label", "has_reason_table", "digest")
+    __slots__ = ("name", "version", "run_id", "requested_uri", "source_uri", "loaded_from", "loaded_at", "load_duration_seconds", "features", "threshold", "threshold_source", "flavor", "positive_label", "negative_label", "adverse_label", "has_reason_table", "digest", "backend", "backend_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,8 @@ class ModelInfo(_message.Message):
     ADVERSE_LABEL_FIELD_NUMBER: _ClassVar[int]
     HAS_REASON_TABLE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     run_id: str
@@ -172,4 +174,6 @@ class ModelInfo(_message.Message):
     adverse_label: str
     has_reason_table: bool
     digest: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., requested_uri: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[_Union[LoadedFrom, str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_duration_seconds: _Optional[float] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., flavor: _Optional[str] = ..., positive_label: _Optional[str] = ..., negative_label: _Optional[str] = ..., adverse_label: _Optional[str] = ..., has_reason_table: _Optional[bool] = ..., digest: _Optional[str] = ...) -> None: ...
+    backend: str
+    backend_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., requested_uri: _Optional[str] = ..., source_uri: _Optional[str] = ..., loaded_from: _Optional[_Union[LoadedFrom, str]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_duration_seconds: _Optional[float] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., threshold: _Optional[float] = ..., threshold_source: _Optional[str] = ..., flavor: _Optional[str] = ..., positive_label: _Optional[str] = ..., negative_label: _Optional[str] = ..., adverse_label: _Optional[str] = ..., has_reason_table: _Optional[bool] = ..., digest: _Optional[str] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ...) -> None: ...

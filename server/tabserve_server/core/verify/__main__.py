@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="names the model in messages (default: the directory)")
     parser.add_argument("--allow-pyfunc", action="store_true")
     parser.add_argument("--max-model-bytes", type=int, default=2**62)
+    parser.add_argument("--compile-to", type=Path, help="also compile the model there (core/compiled.py)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="no compiled decision may flip at it")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit at once unless this is still the parent")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
@@ -49,9 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checked = check(args.directory, args.label or str(args.directory), allow_pyfunc=args.allow_pyfunc,
                         max_model_bytes=args.max_model_bytes, lean=True)
-        verdict = {"ok": True, **dataclasses.asdict(checked)}
+        verdict: dict[str, object] = {"ok": True, **dataclasses.asdict(checked)}
+        if args.compile_to:
+            from tabserve_server.core.compiled import compile_directory
+
+            verdict["compiled"] = compile_directory(args.directory, args.label or str(args.directory),
+                                                    checked.digest, args.max_model_bytes, args.compile_to,
+                                                    threshold=args.threshold)
     except ModelLoadError as exc:
-        verdict = {"ok": False, "error": str(exc)}
+        verdict = {"ok": False, "error": str(exc), "reason": exc.reason}
     sys.stdout.flush()
     print(VERDICT_MARK + json.dumps(verdict), flush=True)
     return 0

@@ -23,6 +23,7 @@ class VerifyLimits:
     max_model_bytes: int
     allow_pyfunc: bool
     nice: int = 0  # added to this process's niceness for the verifier's
+    limit_name: str = "load_timeout_seconds"  # the setting `timeout_seconds` comes from, named when it is hit
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,18 @@ class Verdict:
     features: int
     fast_path: bool
     seconds: float
+    compiled: dict[str, Any] | None = None  # with `compile_to`: the facts core/compiled.py wrote there
 
 
-def verify(directory: Path, label: str, limits: VerifyLimits) -> Verdict:
-    """Check the model in `directory` in a fresh process; raise ModelLoadError (VerifierFailed: it died) if unfit."""
+def verify(directory: Path, label: str, limits: VerifyLimits, compile_to: Path | None = None,
+           threshold: float = 0.5) -> Verdict:
+    """Check the model in `directory` in a fresh process; raise ModelLoadError (VerifierFailed: it died) if unfit.
+
+    With `compile_to`, the process also compiles it there for the compiled backend (core/compiled.py)."""
     command = [sys.executable, "-m", "tabserve_server.core.verify", str(directory), "--label", label,
                "--max-model-bytes", str(limits.max_model_bytes), "--parent-pid", str(os.getpid())]
+    if compile_to is not None:
+        command += ["--compile-to", str(compile_to), "--threshold", repr(threshold)]
     if limits.allow_pyfunc:
         command.append("--allow-pyfunc")
     # One OpenMP thread: the warm-up rows are few, and the serving process keeps the cores.
@@ -54,7 +61,7 @@ def verify(directory: Path, label: str, limits: VerifyLimits) -> Verdict:
             os.killpg(child.pid, signal.SIGKILL)
             child.communicate()
             raise VerifierFailed(
-                f"model verifier ran past load_timeout_seconds ({limits.timeout_seconds:g} s) while loading {label}"
+                f"model verifier ran past {limits.limit_name} ({limits.timeout_seconds:g} s) while loading {label}"
                 "; killed", "timeout",
             ) from None
     text = output.decode(errors="replace")
@@ -71,9 +78,11 @@ def verify(directory: Path, label: str, limits: VerifyLimits) -> Verdict:
             f"{_last_words(text)}", "crash",
         )
     if not verdict.get("ok"):
-        raise ModelLoadError(str(verdict.get("error") or "refused by the verifier"))
+        refused = ModelLoadError(str(verdict.get("error") or "refused by the verifier"))
+        refused.reason = str(verdict.get("reason") or refused.reason)
+        raise refused
     return Verdict(str(verdict["digest"]), str(verdict["flavor"]), int(verdict["features"]),
-                   bool(verdict["fast_path"]), time.monotonic() - started)
+                   bool(verdict["fast_path"]), time.monotonic() - started, verdict.get("compiled"))
 
 
 def _lower_priority(pid: int, nice: int) -> None:

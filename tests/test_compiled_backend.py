@@ -1,0 +1,182 @@
+"""The compiled backend (core/compiled.py, core/compiling.py) on the demo model: compiled in the verifier process,
+checked against Booster.predict, swapped in, cached; every way it fails leaves the booster serving and says why."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tabserve_client import ControlClient, ScoringClient
+from tabserve_demo.applicants import FEATURE_NAMES
+from tabserve_demo.training import train_booster
+from tabserve_server.core.compiled import (
+    ABSOLUTE_BOUND,
+    OBJECT,
+    VERIFIED,
+    CompileFailed,
+    checked_predictor,
+    compare,
+    compile_checked,
+)
+from tabserve_server.core.model import LightGBMPredictor
+from tabserve_server.decisions.record import decision_records
+from tabserve_server.settings import ServerSettings
+from tests.support import running_app, sample_key, scrape, server_settings, wait_for
+
+COMPILE_WAIT = 120.0  # the demo model (60 trees) compiles in seconds; a loaded 2-core machine is slower
+
+
+@pytest.fixture(scope="module")
+def booster() -> Any:
+    return train_booster(seed=3, n_rows=4_000)
+
+
+def _rows(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(0.0, 2.0, size=(count, len(FEATURE_NAMES)))
+    rows[rng.random(rows.shape) < 0.05] = np.nan
+    return rows
+
+
+def test_compiled_scores_match_the_booster_within_the_bound_on_10000_rows(booster: Any, tmp_path: Path) -> None:
+    lightgbm = LightGBMPredictor(booster, batch_threads=1)
+    facts = compile_checked(lightgbm, booster.model_to_string().encode(), tmp_path / "entry", threshold=0.48)
+    assert facts["max_abs_diff"] <= ABSOLUTE_BOUND
+    code = (tmp_path / "entry" / OBJECT).read_bytes()
+    assert hashlib.sha256(code).hexdigest() == json.loads((tmp_path / "entry" / VERIFIED).read_text())["object_sha256"]
+    predictor, _ = checked_predictor(lightgbm, code, facts["compiler"], 0.48, rows=64, threads=2)
+    rows = _rows(10_000, seed=11)
+    expected = lightgbm.predict_batch(rows)
+    got = predictor.predict(rows)  # threaded: 10,000 rows are split over the pool
+    assert np.max(np.abs(got - expected)) <= ABSOLUTE_BOUND
+    assert np.array_equal(got >= 0.48, expected >= 0.48)
+    single = np.array([predictor.predict(rows[i:i + 1])[0] for i in range(200)])
+    assert np.array_equal(single, got[:200])
+
+
+def test_a_wrong_predictor_is_refused(booster: Any, tmp_path: Path) -> None:
+    other = train_booster(seed=4, n_rows=4_000)
+    lightgbm = LightGBMPredictor(booster, batch_threads=1)
+    facts = compile_checked(LightGBMPredictor(other, 1), other.model_to_string().encode(), tmp_path / "other", 0.48)
+    with pytest.raises(CompileFailed, match=r"differs from Booster\.predict") as refused:
+        code = (tmp_path / "other" / OBJECT).read_bytes()
+        checked_predictor(lightgbm, code, facts["compiler"], 0.48, rows=256, threads=1)
+    assert refused.value.reason == "unverified"
+    expected = np.array([0.4, 0.5, 0.6])
+    with pytest.raises(CompileFailed, match="flips 1 decisions"):
+        compare(expected, expected + np.array([0.0, -1e-13, 0.0]), threshold=0.5)
+
+
+# --- through the server --------------------------------------------------------------------------------------
+
+
+def _compiled_settings(tracking_uri: str, cache: Path, **overrides: Any) -> ServerSettings:
+    return server_settings(tracking_uri, cache, backend="compiled", **overrides)
+
+
+def _settled_backend(app: Any) -> Any:
+    """The served version's status once the compiled backend settled (compiled, or given up with a note)."""
+    with ControlClient(f"127.0.0.1:{app.control_port}", timeout=10) as control:
+        def settled() -> Any:
+            served = control.status().serving
+            return served if served.backend == "compiled" or served.backend_note not in ("", "compiling") else None
+
+        return wait_for(settled, timeout=COMPILE_WAIT, interval=0.2, what="the compiled backend to settle")
+
+
+@pytest.fixture(scope="module")
+def compiled_cache(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache directory in which a first server compiled the demo model (its checks are in the test below)."""
+    cache = tmp_path_factory.mktemp("compiled") / "cache"
+    yield cache
+
+
+def test_the_server_compiles_verifies_and_swaps_in_the_compiled_backend(tracking_uri: str,
+                                                                          compiled_cache: Path) -> None:
+    settings = _compiled_settings(tracking_uri, compiled_cache, decision_log_inputs="full")
+    with running_app(settings) as app:
+        served = _settled_backend(app)
+        assert (served.backend, served.backend_note) == ("compiled", ""), served
+        assert served.backend_version.startswith("lleaves ")
+        with ScoringClient(f"127.0.0.1:{app.public_port}") as client:
+            info = client.model_info()
+            assert (info.backend, info.backend_version) == ("compiled", served.backend_version)
+            rows = [dict(zip(FEATURE_NAMES, row, strict=True)) for row in _rows(3, seed=5).tolist()]
+            client.score(rows)
+        metrics = scrape(app.metrics_port)
+        assert metrics[sample_key("tabserve_server_backend_info", backend="compiled",
+                                  version=served.backend_version)] == 1
+        assert metrics[sample_key("tabserve_server_compiles_total", outcome="compiled")] == 1
+    records = [record for _, record in decision_records(Path(settings.decision_log_dir))]
+    assert records and records[-1]["backend"] == "compiled-lleaves-" + served.backend_version.split()[1].rstrip(",")
+
+
+def test_a_restart_loads_the_compiled_backend_from_the_cache(tracking_uri: str, compiled_cache: Path) -> None:
+    with running_app(_compiled_settings(tracking_uri, compiled_cache)) as app:
+        assert _settled_backend(app).backend == "compiled"
+        metrics = scrape(app.metrics_port)
+        assert metrics.get(sample_key("tabserve_server_compiles_total", outcome="cache_hit")) == 1
+        assert metrics.get(sample_key("tabserve_server_compiles_total", outcome="compiled")) is None
+
+
+def test_a_wrong_compiled_predictor_in_the_cache_leaves_the_booster_serving(
+    tracking_uri: str, compiled_cache: Path, booster: Any, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(compiled_cache, cache)
+    entry = next((cache / "compiled").iterdir())
+    # Another model's code, with facts that name its bytes: only the serving process's own check can catch it.
+    compile_checked(LightGBMPredictor(booster, 1), booster.model_to_string().encode(), tmp_path / "wrong", 0.48)
+    shutil.copy(tmp_path / "wrong" / OBJECT, entry / OBJECT)
+    facts = json.loads((entry / VERIFIED).read_text())
+    facts["object_sha256"] = hashlib.sha256((entry / OBJECT).read_bytes()).hexdigest()
+    (entry / VERIFIED).write_text(json.dumps(facts))
+    with running_app(_compiled_settings(tracking_uri, cache)) as app:
+        served = _settled_backend(app)
+        assert served.backend == "lightgbm"
+        assert "(unverified)" in served.backend_note and "differs from Booster.predict" in served.backend_note
+        assert isinstance(app.manager.current().predictor, LightGBMPredictor)  # type: ignore[union-attr]
+
+
+FAKE_COMPILERS = {
+    "failed": "raise RuntimeError('LLVM ERROR: out of registers (a fake compiler)')",
+    "timeout": "import time; time.sleep(60)",
+}
+
+
+@pytest.mark.parametrize("outcome", sorted(FAKE_COMPILERS))
+def test_a_compiler_that_fails_or_hangs_leaves_the_booster_serving(
+    outcome: str, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "fake" / "lleaves"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(textwrap.dedent(f"""
+        class Model:
+            def __init__(self, model_file):
+                pass
+
+            def num_model_per_iteration(self):
+                return 1
+
+            def compile(self, cache=None):
+                {FAKE_COMPILERS[outcome]}
+    """))
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))  # the verifier process imports the fake first
+    with running_app(_compiled_settings(tracking_uri, tmp_path / "cache", compile_timeout_seconds=8.0)) as app:
+        served = _settled_backend(app)
+        assert served.backend == "lightgbm"
+        assert f"compiled backend unavailable ({outcome})" in served.backend_note
+        expected = "out of registers" if outcome == "failed" else "ran past compile_timeout_seconds"
+        assert expected in served.backend_note
+        metrics = scrape(app.metrics_port)
+        assert metrics[sample_key("tabserve_server_compiles_total", outcome=outcome)] == 1
+        assert metrics[sample_key("tabserve_server_backend_info", backend="lightgbm",
+                                  version=served.backend_version)] == 1
