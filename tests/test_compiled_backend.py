@@ -7,7 +7,7 @@ import hashlib
 import json
 import shutil
 import textwrap
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,35 +92,45 @@ def _settled_backend(app: Any) -> Any:
         return wait_for(settled, timeout=COMPILE_WAIT, interval=0.2, what="the compiled backend to settle")
 
 
+@dataclass(frozen=True)
+class FirstRun:
+    """What a first server with backend=compiled and an empty cache showed once it settled."""
+
+    cache: Path
+    served: Any
+    info: Any
+    metrics: dict[str, float]
+    records: list[dict[str, Any]]
+
+
 @pytest.fixture(scope="module")
-def compiled_cache(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A cache directory in which a first server compiled the demo model (its checks are in the test below)."""
+def first_run(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
     cache = tmp_path_factory.mktemp("compiled") / "cache"
-    yield cache
-
-
-def test_the_server_compiles_verifies_and_swaps_in_the_compiled_backend(tracking_uri: str,
-                                                                          compiled_cache: Path) -> None:
-    settings = _compiled_settings(tracking_uri, compiled_cache, decision_log_inputs="full")
+    settings = _compiled_settings(tracking_uri, cache, decision_log_inputs="full")
     with running_app(settings) as app:
         served = _settled_backend(app)
-        assert (served.backend, served.backend_note) == ("compiled", ""), served
-        assert served.backend_version.startswith("lleaves ")
         with ScoringClient(f"127.0.0.1:{app.public_port}") as client:
             info = client.model_info()
-            assert (info.backend, info.backend_version) == ("compiled", served.backend_version)
-            rows = [dict(zip(FEATURE_NAMES, row, strict=True)) for row in _rows(3, seed=5).tolist()]
-            client.score(rows)
+            client.score([dict(zip(FEATURE_NAMES, row, strict=True)) for row in _rows(3, seed=5).tolist()])
         metrics = scrape(app.metrics_port)
-        assert metrics[sample_key("tabserve_server_backend_info", backend="compiled",
-                                  version=served.backend_version)] == 1
-        assert metrics[sample_key("tabserve_server_compiles_total", outcome="compiled")] == 1
     records = [record for _, record in decision_records(Path(settings.decision_log_dir))]
-    assert records and records[-1]["backend"] == "compiled-lleaves-" + served.backend_version.split()[1].rstrip(",")
+    return FirstRun(cache, served, info, metrics, records)
 
 
-def test_a_restart_loads_the_compiled_backend_from_the_cache(tracking_uri: str, compiled_cache: Path) -> None:
-    with running_app(_compiled_settings(tracking_uri, compiled_cache)) as app:
+def test_the_server_compiles_verifies_and_swaps_in_the_compiled_backend(first_run: FirstRun) -> None:
+    served = first_run.served
+    assert (served.backend, served.backend_note) == ("compiled", ""), served
+    assert served.backend_version.startswith("lleaves ")
+    assert (first_run.info.backend, first_run.info.backend_version) == ("compiled", served.backend_version)
+    metrics = first_run.metrics
+    assert metrics[sample_key("tabserve_server_backend_info", backend="compiled", version=served.backend_version)] == 1
+    assert metrics[sample_key("tabserve_server_compiles_total", outcome="compiled")] == 1
+    lleaves_version = served.backend_version.split(",")[0].split()[1]
+    assert first_run.records and first_run.records[-1]["backend"] == f"compiled-lleaves-{lleaves_version}"
+
+
+def test_a_restart_loads_the_compiled_backend_from_the_cache(tracking_uri: str, first_run: FirstRun) -> None:
+    with running_app(_compiled_settings(tracking_uri, first_run.cache)) as app:
         assert _settled_backend(app).backend == "compiled"
         metrics = scrape(app.metrics_port)
         assert metrics.get(sample_key("tabserve_server_compiles_total", outcome="cache_hit")) == 1
@@ -128,10 +138,10 @@ def test_a_restart_loads_the_compiled_backend_from_the_cache(tracking_uri: str, 
 
 
 def test_a_wrong_compiled_predictor_in_the_cache_leaves_the_booster_serving(
-    tracking_uri: str, compiled_cache: Path, booster: Any, tmp_path: Path
+    tracking_uri: str, first_run: FirstRun, booster: Any, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    shutil.copytree(compiled_cache, cache)
+    shutil.copytree(first_run.cache, cache)
     entry = next((cache / "compiled").iterdir())
     # Another model's code, with facts that name its bytes: only the serving process's own check can catch it.
     compile_checked(LightGBMPredictor(booster, 1), booster.model_to_string().encode(), tmp_path / "wrong", 0.48)
