@@ -18,13 +18,15 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tabserve_admin.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from tabserve_server.core.compiled import BACKEND_COMPILED_PREFIX
+from tabserve_server.core.compiling import compiled_predictor
 from tabserve_server.core.dataplane import explain_chosen
 from tabserve_server.core.loading import LoaderConfig, ModelLoader
 from tabserve_server.core.model import (
@@ -36,9 +38,11 @@ from tabserve_server.core.model import (
 )
 from tabserve_server.core.reasons import rows_to_explain
 from tabserve_server.decisions.record import INPUT_FULL, Record, decision_records
+from tabserve_server.errors import ModelLoadError
 
 ENV_PREFIX = "TABSERVE_SERVER_"  # the server's: an auditor points replay at the registry the server used
 MAX_SHOWN = 20  # differences printed one by one; the rest are counted
+COMPILE_TIMEOUT_SECONDS = 900.0  # the server's default compile_timeout_seconds
 
 
 class ReplayError(Exception):
@@ -118,31 +122,43 @@ def replay_record(model: LoadedModel, record: Record, where: str, report: Report
 
 
 class Versions:
-    """The logged versions, each loaded once from the registry as the server loads it."""
+    """The logged versions, each loaded once from the registry as the server loads it; on the compiled backend
+    (core/compiling.py) too when a record was scored by it, compiled code coming from `compiled_cache` (the
+    server's cache_dir: its entries are reused) or compiled by the verifier process."""
 
-    def __init__(self, loader: ModelLoader) -> None:
+    def __init__(self, loader: ModelLoader, compiled_cache: Path | None = None) -> None:
         self._loader = loader
-        self._models: dict[tuple[str, str, str], LoadedModel | ReplayError] = {}
+        self._compiled_cache = compiled_cache or loader.config.cache_dir
+        self._models: dict[tuple[str, str, str, bool], LoadedModel | ReplayError] = {}
 
-    def get(self, name: str, version: str, digest: str) -> LoadedModel:
-        key = (name, version, digest)
+    def get(self, name: str, version: str, digest: str, backend: str = "") -> LoadedModel:
+        key = (name, version, digest, backend.startswith(BACKEND_COMPILED_PREFIX))
         if key not in self._models:
-            self._models[key] = self._load(name, version, digest)
+            self._models[key] = self._load(*key)
         found = self._models[key]
         if isinstance(found, ReplayError):
             raise found
         return found
 
-    def _load(self, name: str, version: str, digest: str) -> LoadedModel | ReplayError:
+    def _load(self, name: str, version: str, digest: str, compiled: bool) -> LoadedModel | ReplayError:
         try:
             candidate = self._loader.load(AspiredVersion(name, version, f"models:/{name}/{version}"))
         except Exception as exc:  # any load failure is this version's, reported with the records it affects
             return ReplayError(f"{name} version {version} cannot be loaded: {exc}")
-        candidate.discard()  # the model stays in memory; replay keeps no cache
-        if candidate.model.digest != digest:
-            return ReplayError(f"{name} version {version} in the registry is {candidate.model.digest}, "
-                               f"the log says {digest}: not the files that decided")
-        return candidate.model
+        try:
+            if candidate.model.digest != digest:
+                return ReplayError(f"{name} version {version} in the registry is {candidate.model.digest}, "
+                                   f"the log says {digest}: not the files that decided")
+            if not compiled:
+                return candidate.model
+            limits = replace(self._loader.limits, timeout_seconds=COMPILE_TIMEOUT_SECONDS,
+                             limit_name="replay's compile limit")
+            predictor, _ = compiled_predictor(candidate.model, self._compiled_cache, limits, threads=1)
+            return replace(candidate.model, predictor=predictor)
+        except ModelLoadError as exc:
+            return ReplayError(f"{name} version {version}: the compiled backend is unavailable here: {exc}")
+        finally:
+            candidate.discard()  # the model stays in memory; replay keeps no downloaded files
 
 
 def replay(records: Iterable[tuple[str, Record]], versions: Versions) -> Report:
@@ -155,7 +171,7 @@ def replay(records: Iterable[tuple[str, Record]], versions: Versions) -> Report:
         name, version = str(record["model"]), str(record["version"])
         report.versions.add((name, version))
         try:
-            model = versions.get(name, version, str(record["model_digest"]))
+            model = versions.get(name, version, str(record["model_digest"]), str(record.get("backend", "")))
             replay_record(model, record, where, report)
         except ReplayError as exc:
             report.differ(where, str(exc))
@@ -186,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             registry_timeout_seconds=10.0, load_timeout_seconds=120.0, max_model_bytes=2**30,
         ))
         try:
-            report = replay(decision_records(directory), Versions(loader))
+            report = replay(decision_records(directory), Versions(loader, args.cache_dir))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"error: cannot read the decision log in {directory}: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -211,6 +227,9 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
                         help=f"MLflow tracking URI (default: ${ENV_PREFIX}TRACKING_URI, else MLflow's default)")
     parser.add_argument("--registry-uri", default=env.get(f"{ENV_PREFIX}REGISTRY_URI", ""),
                         help=f"MLflow registry URI (default: ${ENV_PREFIX}REGISTRY_URI, else the tracking URI)")
+    parser.add_argument("--cache-dir", type=Path, default=env.get(f"{ENV_PREFIX}CACHE_DIR") or None,
+                        help="the server's cache_dir: records scored by the compiled backend reuse its compiled code "
+                             f"(default: ${ENV_PREFIX}CACHE_DIR, else compiled again in a temporary directory)")
     parser.add_argument("--allow-pyfunc", action="store_true",
                         default=env.get(f"{ENV_PREFIX}ALLOW_PYFUNC", "").lower() in ("1", "true", "yes", "on"),
                         help="load non-LightGBM versions through MLflow pyfunc (may unpickle code)")

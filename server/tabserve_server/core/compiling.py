@@ -59,7 +59,7 @@ class CompiledBackend:
         if not self._manager.upgrade(model, noted):
             return
         try:
-            predictor, outcome = self._predictor(model)
+            predictor, outcome = compiled_predictor(model, self._cache_dir, self._limits, self._threads)
         except Exception as exc:
             outcome = getattr(exc, "reason", "failed") if isinstance(exc, ModelLoadError) else "failed"
             if outcome not in OUTCOMES:
@@ -75,21 +75,25 @@ class CompiledBackend:
             log.info("%s version %s now serves on the compiled backend (%s, %s)", model.name, model.version,
                      predictor.backend_version, outcome)
 
-    def _predictor(self, model: LoadedModel) -> tuple[CompiledPredictor, str]:
-        """The checked compiled predictor of `model` and how it was had (`cache_hit` or `compiled`)."""
-        assert isinstance(model.predictor, LightGBMPredictor)
-        compiler = compiler_version()
-        entry = cache_entry(self._cache_dir, model.digest, compiler)
-        found, outcome = read_entry(entry), "cache_hit"
+
+def compiled_predictor(model: LoadedModel, cache_dir: Path, limits: VerifyLimits,
+                       threads: int) -> tuple[CompiledPredictor, str]:
+    """The checked compiled predictor of `model` (a LightGBM version) and how it was had (`cache_hit` or
+    `compiled`): from its cache entry under `cache_dir`, else compiled by the verifier process within `limits`.
+    Raises ModelLoadError (CompileFailed, VerifierFailed) with the reason when it cannot serve."""
+    if not isinstance(model.predictor, LightGBMPredictor) or not model.source_dir:
+        raise CompileFailed(f"{model.source_uri}: only LightGBM versions read from files compile", "failed")
+    compiler = compiler_version()
+    entry = cache_entry(cache_dir, model.digest, compiler)
+    found, outcome = read_entry(entry), "cache_hit"
+    if found is None:
+        verdict = verify(Path(model.source_dir), model.source_uri, limits, compile_to=entry, threshold=model.threshold)
+        if verdict.digest != model.digest:
+            raise CompileFailed(f"{model.source_uri}: the files changed since they were loaded", "failed")
+        found, outcome = read_entry(entry), "compiled"
         if found is None:
-            verdict = verify(Path(model.source_dir), model.source_uri, self._limits, compile_to=entry,
-                             threshold=model.threshold)
-            if verdict.digest != model.digest:
-                raise CompileFailed(f"{model.source_uri}: the files changed since they were loaded", "failed")
-            found, outcome = read_entry(entry), "compiled"
-            if found is None:
-                raise CompileFailed(f"the compiled object at {entry} is missing or not the verified one", "failed")
-        code, _facts = found
-        predictor, _worst = checked_predictor(model.predictor, code, compiler, model.threshold,
-                                              rows=SERVING_CHECK_ROWS, threads=self._threads)
-        return predictor, outcome
+            raise CompileFailed(f"the compiled object at {entry} is missing or not the verified one", "failed")
+    code, _facts = found
+    predictor, _worst = checked_predictor(model.predictor, code, compiler, model.threshold,
+                                          rows=SERVING_CHECK_ROWS, threads=threads)
+    return predictor, outcome
