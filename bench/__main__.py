@@ -15,6 +15,7 @@ machine's core count, library versions, timestamp and git commit. Sections, in o
   mtls           single-row throughput over mutual TLS vs plaintext                  bench/mtls.py
   decision-log   single-row throughput, decision log on (digest) vs off              bench/decision_log.py
   explain        reasons served vs exact TreeSHAP in process (pred_contrib)          bench/explain.py
+  compiled       backend=compiled vs lightgbm: two servers, and in process           bench/compiled.py
   overload       10 x the peak single-row load from h2load: goodput, admitted p99    bench/overload.py
   monitor-poll   monitor per-poll cost, 500 versions vs 1                            bench/monitor_poll.py
                  and tabserve-admin registry check on the same registries             bench/registry_check.py
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    compiled,
     compute,
     decision_log,
     explain,
@@ -68,7 +70,7 @@ DEFAULT_OUT = REPO / "bench" / "results.json"
 QUICK_OUT = REPO / "bench" / ".cache" / "results-quick.json"
 ONLY_OUT = REPO / "bench" / ".cache" / "results-only.json"
 SECTIONS = ("compute", "serving", "h2load", "reload", "multi-worker", "v2", "mtls", "decision-log", "explain",
-            "overload", "monitor-poll", "reload-memory")
+            "compiled", "overload", "monitor-poll", "reload-memory")
 
 
 def _versions() -> dict[str, str]:
@@ -181,6 +183,9 @@ def run_all(quick: bool) -> dict[str, Any]:
         ))
         _guarded("explain", sections, lambda: explain.run(
             str(model.model_file), rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+        ))
+        _guarded("compiled", sections, lambda: compiled.run(
+            str(model.model_file), spec.key(), rows, quick=quick, start_server=start_server, wait_serving=wait_serving
         ))
         _guarded("overload", sections, lambda: overload.run(
             h2load.ensure_h2load(), workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving

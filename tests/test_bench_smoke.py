@@ -16,8 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = (
-    "compute", "serving", "h2load", "reload", "multi-worker", "v2", "mtls", "decision-log", "explain", "overload",
-    "monitor-poll", "reload-memory",
+    "compute", "serving", "h2load", "reload", "multi-worker", "v2", "mtls", "decision-log", "explain", "compiled",
+    "overload", "monitor-poll", "reload-memory",
 )
 
 
