@@ -25,6 +25,8 @@ from tabserve_client import ScoringClient
 from tabserve_demo.applicants import make_applicants
 from tabserve_demo.embedded import bootstrap_embedded_registry
 from tabserve_demo.processes import MonitorProcess, ServerProcess
+from tabserve_monitor.state import ReloadEvent, Snapshot
+from tabserve_monitor.status_page import render
 from tabserve_server.core.loading import DIGEST_TAG
 from tests.support import MODEL_NAME, monitor_settings, required_command, scrape, server_settings, wait_for
 
@@ -129,3 +131,13 @@ def test_metrics_unchanged_beside_the_page(stack: Stack) -> None:
     assert metrics["tabserve_monitor_registry_up"] == 1.0
     with urllib.request.urlopen(stack.page + "metrics", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
+
+
+def test_every_text_is_escaped() -> None:
+    """Registry names, versions and server errors are not the page's to trust."""
+    evil = '<script>alert("x")</script>'
+    snapshot = Snapshot(model_name=evil, follows=f"alias {evil}", target_version=evil, served_version=evil,
+                        load_state=evil, last_error=evil, registry_problem=evil, registry_detail=evil,
+                        canary_result=evil, reloads=(ReloadEvent(0.0, "failure", evil, evil, evil),))
+    page = render(snapshot, [(0.5, 1.0), (float("inf"), 2.0)], evil)
+    assert "<script" not in page and page.count("&lt;script&gt;") >= 10
