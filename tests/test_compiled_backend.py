@@ -7,13 +7,16 @@ import hashlib
 import json
 import shutil
 import textwrap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
+from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client import ControlClient, ControlError, ScoringClient
 from tabserve_demo.applicants import FEATURE_NAMES
 from tabserve_demo.training import train_booster
@@ -31,6 +34,7 @@ from tabserve_server.decisions.record import decision_records
 from tabserve_server.settings import ServerSettings
 from tests.support import run_admin, running_app, sample_key, scrape, server_settings, wait_for
 
+MAX_CALLS = 20_000  # the scoring loop's bound (it stops as soon as the compiled backend answered 20 calls)
 COMPILE_WAIT = 120.0  # the demo model (60 trees) compiles in seconds; a loaded 2-core machine is slower
 
 
@@ -105,20 +109,48 @@ class FirstRun:
     metrics: dict[str, float]
     records: list[dict[str, Any]]
     decisions: Path
+    answered: int  # single-row calls made throughout, from the first load until after the swap
+    failed: list[str]
+
+
+def _score_throughout(target: str, stop: threading.Event, answered: list[int], failed: list[str]) -> None:
+    """One caller scoring single rows until `stop` (bounded: MAX_CALLS), counting answers and failures. A raw
+    stub: the client library would retry an UNAVAILABLE call and hide it."""
+    requests = [scoring_pb2.ScoreRequest(matrix=scoring_pb2.MatrixRows(float64_le=row.astype("<f8").tobytes(),
+                                                                       num_rows=1)) for row in _rows(50, seed=7)]
+    with grpc.insecure_channel(target) as channel:
+        stub = scoring_pb2_grpc.ScoringStub(channel)
+        for i in range(MAX_CALLS):
+            if stop.is_set():
+                return
+            try:
+                stub.Score(requests[i % len(requests)], timeout=30)
+                answered[0] += 1
+            except grpc.RpcError as exc:  # any failed call fails the test, with its status
+                failed.append(f"{exc.code()}: {exc.details()}")
 
 
 @pytest.fixture(scope="module")
 def first_run(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
     cache = tmp_path_factory.mktemp("compiled") / "cache"
     settings = _compiled_settings(tracking_uri, cache, decision_log_inputs="full")
+    answered, failed, stop = [0], list[str](), threading.Event()
     with running_app(settings) as app:
+        target = f"127.0.0.1:{app.public_port}"
+        caller = threading.Thread(target=_score_throughout, args=(target, stop, answered, failed), daemon=True)
+        caller.start()
         served = _settled_backend(app)
-        with ScoringClient(f"127.0.0.1:{app.public_port}") as client:
+        wait_for(lambda: app.manager.current().predictor.backend_family == "compiled" and answered[0] > 0,  # type: ignore[union-attr]
+                 what="calls answered")
+        before = answered[0]
+        wait_for(lambda: answered[0] > before + 20, timeout=60, what="calls answered by the compiled backend")
+        stop.set()
+        caller.join(60)
+        with ScoringClient(target) as client:
             info = client.model_info()
-            client.score([dict(zip(FEATURE_NAMES, row, strict=True)) for row in _rows(3, seed=5).tolist()])
         metrics = scrape(app.metrics_port)
     records = [record for _, record in decision_records(Path(settings.decision_log_dir))]
-    return FirstRun(cache, served, info, metrics, records, Path(settings.decision_log_dir))
+    return FirstRun(cache, served, info, metrics, records, Path(settings.decision_log_dir), answered[0], failed)
 
 
 def test_the_server_compiles_verifies_and_swaps_in_the_compiled_backend(first_run: FirstRun) -> None:
@@ -133,13 +165,23 @@ def test_the_server_compiles_verifies_and_swaps_in_the_compiled_backend(first_ru
     assert first_run.records and first_run.records[-1]["backend"] == f"compiled-lleaves-{lleaves_version}"
 
 
+def test_calls_made_throughout_the_compile_and_swap_all_succeed(first_run: FirstRun) -> None:
+    assert first_run.failed == [] and first_run.answered > 20
+    backends = [record["backend"] for record in first_run.records]
+    assert len(backends) == first_run.answered
+    # Served by the booster first, then by the compiled code, never back: the swap happened under the calls.
+    switched = backends.index(next(b for b in backends if b.startswith("compiled-")))
+    assert switched > 0 and set(backends[:switched]) == {"lightgbm-single-row"}
+    assert all(b.startswith("compiled-") for b in backends[switched:])
+
+
 def test_replay_rescores_compiled_records_on_the_compiled_backend(
     tracking_uri: str, first_run: FirstRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = run_admin(capsys, "decisions", "replay", str(first_run.decisions), "--tracking-uri", tracking_uri,
                                "--cache-dir", str(first_run.cache))
     assert code == 0, out + err
-    assert "every score and reason identical" in out and "3 rows" in out
+    assert "every score and reason identical" in out and f"({len(first_run.records)} rows)" in out
 
 
 def test_a_restart_loads_the_compiled_backend_from_the_cache(tracking_uri: str, first_run: FirstRun) -> None:
