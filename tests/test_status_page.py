@@ -25,7 +25,7 @@ from tabserve_client import ScoringClient
 from tabserve_demo.applicants import make_applicants
 from tabserve_demo.embedded import bootstrap_embedded_registry
 from tabserve_demo.processes import MonitorProcess, ServerProcess
-from tabserve_monitor.state import ReloadEvent, Snapshot
+from tabserve_monitor.state import RELOAD_HISTORY, MonitorState, ReloadEvent, Snapshot
 from tabserve_monitor.status_page import render
 from tabserve_server.core.loading import DIGEST_TAG
 from tests.support import MODEL_NAME, monitor_settings, required_command, scrape, server_settings, wait_for
@@ -141,3 +141,18 @@ def test_every_text_is_escaped() -> None:
                         canary_result=evil, reloads=(ReloadEvent(0.0, "failure", evil, evil, evil),))
     page = render(snapshot, [(0.5, 1.0), (float("inf"), 2.0)], evil)
     assert "<script" not in page and page.count("&lt;script&gt;") >= 10
+
+
+def test_a_retried_failure_is_one_entry_with_its_count() -> None:
+    """The server retrying one bad version must not push the other events out of the page's history."""
+    state = MonitorState("m", "alias production", canary_enabled=True)
+    state.reload("success", "1", "")
+    for _ in range(RELOAD_HISTORY + 5):
+        state.reload("failure", "2", "1", "digest mismatch")
+    state.reload("failure", "2", "1", "registry unreachable")  # another reason: its own entry
+    state.reload("success", "3", "1")
+    reloads = state.snapshot().reloads
+    assert [(e.result, e.version, e.repeats) for e in reloads] == [
+        ("success", "1", 1), ("failure", "2", RELOAD_HISTORY + 5), ("failure", "2", 1), ("success", "3", 1)]
+    page = render(state.snapshot(), None, "")
+    assert f"failure</span> &times; {RELOAD_HISTORY + 5}</td>" in page, page

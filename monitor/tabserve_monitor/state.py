@@ -1,7 +1,9 @@
 """What the monitor last saw, for its status page: the poll loop writes it, the page's HTTP thread reads a copy.
 
 State only: the page shows it, nothing acts on it. The reload history holds the last RELOAD_HISTORY events the
-monitor observed (a served version that changed, a failed load attempt with the server's reason), newest last.
+monitor observed (a served version that changed, a failed load attempt with the server's reason), newest last. A failed
+attempt that repeats the one before it (same versions, same reason: the server retrying a bad version with
+back-off) updates that entry's count and time instead of adding one, so retries cannot push the other events out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class ReloadEvent:
     version: str  # the version loaded, or the one that failed
     previous: str  # the version served before ("" for none)
     reason: str  # the server's error for a failure; "" for a success
+    repeats: int = 1  # attempts this entry stands for (a failure retried with the same reason); `at` is the last
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,13 @@ class MonitorState:
             self._now = replace(self._now, **fields)  # type: ignore[arg-type]
 
     def reload(self, result: str, version: str, previous: str, reason: str = "") -> None:
+        event = ReloadEvent(time.time(), result, version, previous, reason)
         with self._lock:
-            self._reloads.append(ReloadEvent(time.time(), result, version, previous, reason))
+            last = self._reloads[-1] if self._reloads else None
+            if last is not None and result == "failure" and replace(last, at=event.at, repeats=1) == event:
+                self._reloads[-1] = replace(event, repeats=last.repeats + 1)
+            else:
+                self._reloads.append(event)
 
     def snapshot(self) -> Snapshot:
         with self._lock:

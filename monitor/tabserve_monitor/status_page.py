@@ -22,6 +22,7 @@ h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin-top: 1.4em; }
 table { border-collapse: collapse; } td, th { padding: 2px 10px 2px 0; text-align: left; vertical-align: top; }
 .ok { color: #17663a; font-weight: 600; } .bad { color: #b3261e; font-weight: 600; }
 .version { font-size: 1.6em; font-weight: 700; } #reloads td:first-child { white-space: nowrap; }
+#reloads td:last-child { overflow-wrap: anywhere; max-width: 60em; }
 """
 
 
@@ -73,7 +74,8 @@ def _reloads(s: Snapshot, now: float) -> str:
     if not s.reloads:
         return "<p>No reload observed since the monitor started.</p>"
     rows = "".join(
-        f"<tr><td>{_when(e.at, now)}</td><td>{_flag(e.result == 'success', 'success', 'failure')}</td>"
+        f"<tr><td>{_when(e.at, now)}</td><td>{_flag(e.result == 'success', 'success', 'failure')}"
+        f"{f' &times; {e.repeats}' if e.repeats > 1 else ''}</td>"
         f"<td>{escape(e.previous or 'none')} &rarr; {escape(e.version)}</td><td>{escape(e.reason)}</td></tr>"
         for e in reversed(s.reloads)
     )
