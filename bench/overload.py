@@ -172,15 +172,18 @@ def flood(binary: str, port: int, body: Path, *, rate: float, seconds: float, st
 def run(
     binary: str, workdir: Path, rows: np.ndarray, *, quick: bool, start_server: Callable[..., ChildProcess],
     wait_serving: Callable[[str], None], seconds: float | None = None, max_concurrent_streams: int | None = None,
+    overrides: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """`max_concurrent_streams`: the server's setting (None: its default)."""
+    """`max_concurrent_streams`: the server's setting (None: its default); `overrides`: other server settings."""
     result = SectionResult()
     seconds = seconds or (1.0 if quick else 10.0)
     limit = server_stream_limit(max_concurrent_streams)
     streams = min(FLOOD_STREAMS, limit)
     body = write_body(workdir / "score-1row-overload.grpc", rows[:1])
-    server = start_server(name="overload", **({} if max_concurrent_streams is None else
-                                              {"max_concurrent_streams": max_concurrent_streams}))
+    settings = dict(overrides or {})
+    if max_concurrent_streams is not None:
+        settings["max_concurrent_streams"] = str(max_concurrent_streams)
+    server = start_server(name="overload", **settings)
     try:
         port, metrics_port = int(server.ports["public_port"]), int(server.ports["metrics_port"])
         wait_serving(f"127.0.0.1:{port}")
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the section's dict here")
     parser.add_argument("--max-concurrent-streams", type=int, default=None,
                         help="the server's max_concurrent_streams (default: the setting's default)")
+    parser.add_argument("--server", action="append", default=[], metavar="NAME=VALUE",
+                        help="another server setting for an A/B (repeatable), e.g. max_waiting=4")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = ensure_model(TINY if args.quick else FULL)
@@ -285,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
         section = run(ensure_h2load(), workdir, bench_rows(1000), quick=args.quick, start_server=start_server,
                       wait_serving=wait_serving, seconds=args.seconds,
-                      max_concurrent_streams=args.max_concurrent_streams)
+                      max_concurrent_streams=args.max_concurrent_streams,
+                      overrides=dict(item.split("=", 1) for item in args.server))
     if args.json is not None:
         args.json.write_text(json.dumps(section, indent=2) + "\n")
     print(format_figures({"overload": section}))
