@@ -73,3 +73,13 @@ def corrupted_copy(good: Path, fault: str, destination: Path) -> Path:
         path = destination / MODEL_FILE
         path.write_bytes(MODEL_FILE_FAULTS[fault](path.read_bytes()))
     return destination
+
+
+def fault_copies(tracking_uri: str, model_name: str, root: Path, faults: tuple[str, ...] = FAULTS) -> dict[str, Path]:
+    """Version 1 of `model_name` downloaded as "good", and a corrupted copy of it for each of `faults`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    good = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/1", dst_path=str(root / "good")))
+    return {"good": good, **{fault: corrupted_copy(good, fault, root / fault) for fault in faults}}

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -31,8 +30,9 @@ from tabserve_server.core.artifact import read_files
 from tabserve_server.core.loading import DIGEST_TAG
 from tabserve_server.core.verify import VerifyLimits, verify
 from tabserve_server.errors import ModelLoadError, VerifierFailed
-from tests.corrupt import FAULTS, corrupted_copy
+from tests.corrupt import FAULTS, fault_copies
 from tests.support import MODEL_NAME, Server, required_command, server_settings, wait_for
+from tests.verifiers import catch, started, stat, verifiers
 
 DIGEST_CHECK = "digest-check"
 LOAD_TIMEOUT = 10.0  # the shared servers' load_timeout_seconds: far above a verification, short for the hang test
@@ -49,11 +49,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def faults(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    root = tmp_path_factory.mktemp("faults")
-    good = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(root / "good")))
-    return {"good": good, **{fault: corrupted_copy(good, fault, root / fault) for fault in FAULTS}}
+    return fault_copies(tracking_uri, MODEL_NAME, tmp_path_factory.mktemp("faults"))
 
 
 class Callers:
@@ -215,7 +211,7 @@ def test_a_verifier_that_hangs_past_load_timeout_seconds_is_killed_and_the_old_v
         server.control.set_aspired(aspired_version(str(faults["good"]), name=MODEL_NAME, version=version))
         stopped += _signal_verifiers(_serving_processes(server), per_parent=1, sig=signal.SIGSTOP, timeout=60)
         for hung in stopped:  # verifier_nice above the process that started it
-            wait_for(lambda h=hung: _stat(h.pid)[16] == str(min(19, int(_stat(h.parent)[16]) + VERIFIER_NICE)),
+            wait_for(lambda h=hung: stat(h.pid)[16] == str(min(19, int(stat(h.parent)[16]) + VERIFIER_NICE)),
                      timeout=5,
                      what="the verifier at its lower priority")
         status = wait_for(lambda: "ran past load_timeout_seconds" in (s := server.status()).last_error and s,
@@ -270,7 +266,7 @@ def test_a_verifier_past_its_time_limit_is_killed_and_says_so(faults: dict[str, 
     with pytest.raises(VerifierFailed, match=r"ran past load_timeout_seconds \(0.05 s\)") as caught:
         verify(faults["good"], "good", VerifyLimits(0.05, 2**30, False))
     assert caught.value.reason == "timeout" and time.monotonic() - started < 5
-    assert not _verifiers(), "the verifier process was left running"
+    assert not verifiers(), "the verifier process was left running"
 
 
 def test_a_verifier_killed_mid_load_is_a_crash_in_words(faults: dict[str, Path]) -> None:
@@ -284,7 +280,7 @@ def test_a_verifier_killed_mid_load_is_a_crash_in_words(faults: dict[str, Path])
 
     thread = threading.Thread(target=run)
     thread.start()
-    pids = wait_for(_verifiers, timeout=10, interval=0.01, what="the verifier process")
+    pids = wait_for(lambda: list(verifiers()), timeout=10, interval=0.01, what="the verifier process")
     os.kill(pids[0], 9)
     thread.join(30)
     assert len(result) == 1 and isinstance(result[0], VerifierFailed) and result[0].reason == "crash"
@@ -308,40 +304,10 @@ def test_a_server_that_is_pid_1_gets_its_verdict(faults: dict[str, Path]) -> Non
     assert (done.returncode, done.stdout.strip()) == (0, "lightgbm"), done.stderr[-2000:]
 
 
-def _verifiers(parents: set[int] | None = None) -> list[int]:
-    """Pids of the verifier processes started by `parents` (default: this process)."""
-    parents = parents or {os.getpid()}
-    return [pid for pid, (parent, command) in _processes().items()
-            if parent in parents and b"tabserve_server.core.verify" in command]
-
-
-def _processes() -> dict[int, tuple[int, bytes]]:
-    """Every process: pid -> (parent pid, command line)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            found[int(entry.name)] = (int(_stat(int(entry.name))[1]), (entry / "cmdline").read_bytes())
-        except OSError:
-            continue
-    return found
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/PID/stat from its third field (state) on: [16] is the niceness, [19] the start time in ticks."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _started(pid: int) -> float:
-    """When `pid` started, in CLOCK_BOOTTIME seconds (the kernel's start time, to its clock tick)."""
-    return int(_stat(pid)[19]) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class Signalled:
     pid: int
-    parent: int  # the serving process that started it (a worker, with workers=2)
+    parent: int  # the serving process it verifies for (a worker, with workers=2)
     started: float  # CLOCK_BOOTTIME seconds, as the kernel recorded its start
     signalled: float  # CLOCK_BOOTTIME seconds
 
@@ -358,15 +324,16 @@ def _signal_verifiers(parents: set[int], *, per_parent: int, sig: int, timeout: 
     while len(done) < per_parent * len(parents):
         if time.monotonic() > deadline:
             raise AssertionError(f"saw {len(done)} verifiers in {timeout} s, expected {per_parent} per process")
-        for pid, (parent, command) in _processes().items():
-            if (parent not in parents or b"tabserve_server.core.verify" not in command
-                    or any(d.pid == pid for d in done) or sum(d.parent == parent for d in done) >= per_parent):
+        for pid, parent in verifiers(parents).items():
+            if any(d.pid == pid for d in done) or sum(d.parent == parent for d in done) >= per_parent:
                 continue
             try:
-                started = _started(pid)
+                when = started(pid)
+                if not catch(pid):
+                    continue  # a forked verifier lives a fraction of a second: this one ended first, not counted
                 os.kill(pid, sig)
             except (OSError, IndexError):
                 continue  # finished before the signal: not counted
-            done.append(Signalled(pid, parent, started, time.clock_gettime(time.CLOCK_BOOTTIME)))
-        time.sleep(0.005)
+            done.append(Signalled(pid, parent, when, time.clock_gettime(time.CLOCK_BOOTTIME)))
+        time.sleep(0.001)
     return done

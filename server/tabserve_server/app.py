@@ -79,6 +79,7 @@ def loader_config(settings: ServerSettings) -> LoaderConfig:
         load_timeout_seconds=settings.load_timeout_seconds,
         max_model_bytes=settings.max_model_bytes,
         verifier_nice=settings.verifier_nice,
+        verifier_zygote=settings.verifier_zygote,
     )
 
 
@@ -139,6 +140,7 @@ class ServingApp:
     def start(self) -> None:
         config = self.loader.config
         configure_mlflow(config.tracking_uri, config.registry_uri, config.registry_timeout_seconds)
+        self.loader.verifier.start()  # the zygote's imports, done before the first reload needs them
         s = self.settings
         token = s.control_token_value()
         if s.tracing:  # imported only when on: a server without tracing never loads the SDK
@@ -254,6 +256,7 @@ class ServingApp:
             if server is not None:
                 server.stop(0).wait()
         self.manager.stop()
+        self.loader.verifier.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -157,6 +157,11 @@ class ServerSettings(Settings):
         "checks a new version; no gain measured on a loaded 2-core machine (docs/performance.md).",
         minimum=0, maximum=19,
     )
+    verifier_zygote: bool = setting(
+        True, "Fork each verifier process from a long-lived zygote that imported lightgbm once, instead of "
+        "starting a fresh interpreter per verification (docs/architecture.md#quarantine); a dead zygote is "
+        "restarted, and its verification runs in a fresh process meanwhile.",
+    )
     max_model_bytes: int = setting(
         2**30, "Largest model file (MLmodel, LightGBM model) accepted; a larger one is refused before parsing.",
         minimum=1,

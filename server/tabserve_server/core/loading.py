@@ -25,7 +25,7 @@ from tabserve_server.core.artifact import ArtifactFiles, read_artifact, read_fil
 from tabserve_server.core.cache import ModelCache
 from tabserve_server.core.model import AspiredVersion, DecisionLabels, LoadedFrom, LoadedModel
 from tabserve_server.core.reasons import adverse_is_positive
-from tabserve_server.core.verify import VerifyLimits, verify
+from tabserve_server.core.verify import Verifier, VerifyLimits
 from tabserve_server.errors import DigestMismatch, ModelLoadError, RegistryUnavailable
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class LoaderConfig:
     load_timeout_seconds: float
     max_model_bytes: int
     verifier_nice: int = 0
+    verifier_zygote: bool = False  # fork verifiers from a long-lived zygote (core/verify/zygote.py)
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,9 @@ class ModelLoader:
     def __init__(self, config: LoaderConfig) -> None:
         self.config = config
         self.cache = ModelCache(config.cache_dir)
-        self.limits = VerifyLimits(config.load_timeout_seconds, config.max_model_bytes, config.allow_pyfunc,
-                                   config.verifier_nice)
+        self.verifier = Verifier(VerifyLimits(config.load_timeout_seconds, config.max_model_bytes,
+                                              config.allow_pyfunc, config.verifier_nice),
+                                 zygote=config.verifier_zygote)
         self._client: Any = None
 
     @property
@@ -286,7 +288,7 @@ class ModelLoader:
         cached_digest: str = "",
     ) -> LoadedModel:
         label = resolved.download_uri
-        verdict = verify(directory, label, self.limits)
+        verdict = self.verifier.verify(directory, label)
         files = read_files(directory, label, self.config.max_model_bytes)
         if files.digest != verdict.digest:
             raise ModelLoadError(f"{label}: the files changed after they were verified ({files.digest}, verified "

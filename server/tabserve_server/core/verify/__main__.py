@@ -8,32 +8,16 @@ Its last line on stdout is `TABSERVE-VERDICT {json}`: {"ok": true, "digest": ...
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 
+from tabserve_server.core.verify import lifeline
 from tabserve_server.core.verify.check import check
 from tabserve_server.core.verify.process import VERDICT_MARK
 from tabserve_server.errors import ModelLoadError
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """A verifier outlives no server: the kernel kills it when the process that started it dies. `parent_pid`
-    (0: unknown) catches a parent that died before that was set; it is compared, never assumed to be 1 when the
-    parent is gone: in a container the server itself is PID 1."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return  # not Linux: the caller's time limit still bounds it
-    if parent_pid and os.getppid() != parent_pid:
-        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.5, help="no compiled decision may flip at it")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit at once unless this is still the parent")
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    lifeline.arm(args.parent_pid)  # again: armed before the exec when started by process.py
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         checked = check(args.directory, args.label or str(args.directory), allow_pyfunc=args.allow_pyfunc,

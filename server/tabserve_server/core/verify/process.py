@@ -1,4 +1,5 @@
-"""Runs the verifier process on one artifact and turns how it ended into a verdict or a failed load in words."""
+"""Runs the verifier process on one artifact (a fresh interpreter: the spawn path) and turns how a verifier
+process ended, spawned or forked by the zygote (zygote.py), into a verdict or a failed load in words."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tabserve_server.core.verify import lifeline
 from tabserve_server.errors import ModelLoadError, VerifierFailed
 
 VERDICT_MARK = "TABSERVE-VERDICT "  # starts the last line the verifier process prints (__main__.py)
@@ -38,44 +40,68 @@ class Verdict:
     compiled: dict[str, Any] | None = None  # with `compile_to`: the facts core/compiled.py wrote there
 
 
+@dataclass(frozen=True)
+class Ended:
+    """How one verifier process ended: `code` as Popen.returncode (-N: killed by signal N), and its output."""
+
+    code: int
+    output: str
+    timed_out: bool = False
+
+
+def arguments(directory: Path, label: str, limits: VerifyLimits, parent_pid: int, compile_to: Path | None = None,
+              threshold: float = 0.5) -> list[str]:
+    """The verifier's command-line arguments (__main__.py), for a process whose parent is `parent_pid`."""
+    args = [str(directory), "--label", label, "--max-model-bytes", str(limits.max_model_bytes),
+            "--parent-pid", str(parent_pid)]
+    if compile_to is not None:
+        args += ["--compile-to", str(compile_to), "--threshold", repr(threshold)]
+    return [*args, "--allow-pyfunc"] if limits.allow_pyfunc else args
+
+
+# One OpenMP (and BLAS) thread: the warm-up rows are few, and the serving process keeps the cores.
+VERIFIER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def verify(directory: Path, label: str, limits: VerifyLimits, compile_to: Path | None = None,
            threshold: float = 0.5) -> Verdict:
     """Check the model in `directory` in a fresh process; raise ModelLoadError (VerifierFailed: it died) if unfit.
 
     With `compile_to`, the process also compiles it there for the compiled backend (core/compiled.py)."""
-    command = [sys.executable, "-m", "tabserve_server.core.verify", str(directory), "--label", label,
-               "--max-model-bytes", str(limits.max_model_bytes), "--parent-pid", str(os.getpid())]
-    if compile_to is not None:
-        command += ["--compile-to", str(compile_to), "--threshold", repr(threshold)]
-    if limits.allow_pyfunc:
-        command.append("--allow-pyfunc")
-    # One OpenMP thread: the warm-up rows are few, and the serving process keeps the cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tabserve_server.core.verify",
+               *arguments(directory, label, limits, os.getpid(), compile_to, threshold)]
     started = time.monotonic()
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                          start_new_session=True) as child:
-        _lower_priority(child.pid, limits.nice)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env={**os.environ, **VERIFIER_ENV}, start_new_session=True,
+                          preexec_fn=lifeline.preexec(os.getpid())) as child:  # noqa: PLW1509  # lifeline.py
+        lower_priority(child.pid, limits.nice)
         try:
             output, _ = child.communicate(timeout=limits.timeout_seconds)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
-            child.communicate()
-            raise VerifierFailed(
-                f"model verifier ran past {limits.limit_name} ({limits.timeout_seconds:g} s) while loading {label}"
-                "; killed", "timeout",
-            ) from None
-    text = output.decode(errors="replace")
-    verdict = _verdict(text)
-    if child.returncode < 0:
-        number = -child.returncode
+            output, _ = child.communicate()
+            return judge(Ended(-signal.SIGKILL, "", timed_out=True), label, limits, started)
+    return judge(Ended(child.returncode, output.decode(errors="replace")), label, limits, started)
+
+
+def judge(ended: Ended, label: str, limits: VerifyLimits, started: float) -> Verdict:
+    """The verdict of a verifier process that ended so, or the failed load it means, in words."""
+    if ended.timed_out:
+        raise VerifierFailed(
+            f"model verifier ran past {limits.limit_name} ({limits.timeout_seconds:g} s) while loading {label}"
+            "; killed", "timeout",
+        )
+    verdict = _verdict(ended.output)
+    if ended.code < 0:
+        number = -ended.code
         raise VerifierFailed(
             f"model parser crashed with signal {number} ({_signal_name(number)}) while loading {label}"
-            f"{_last_words(text)}", "crash",
+            f"{_last_words(ended.output)}", "crash",
         )
     if verdict is None:
         raise VerifierFailed(
-            f"model verifier exited with status {child.returncode} and no verdict while loading {label}"
-            f"{_last_words(text)}", "crash",
+            f"model verifier exited with status {ended.code} and no verdict while loading {label}"
+            f"{_last_words(ended.output)}", "crash",
         )
     if not verdict.get("ok"):
         refused = ModelLoadError(str(verdict.get("error") or "refused by the verifier"))
@@ -85,7 +111,7 @@ def verify(directory: Path, label: str, limits: VerifyLimits, compile_to: Path |
                    bool(verdict["fast_path"]), time.monotonic() - started, verdict.get("compiled"))
 
 
-def _lower_priority(pid: int, nice: int) -> None:
+def lower_priority(pid: int, nice: int) -> None:
     """Set right after the start (the interpreter's own start-up included), so no code of the child's own has to.
 
     Niceness only weighs the verifier against runnable request threads: on idle cores it runs at full speed."""
