@@ -126,9 +126,9 @@ class ModelLoader:
     def __init__(self, config: LoaderConfig) -> None:
         self.config = config
         self.cache = ModelCache(config.cache_dir)
-        self.verifier = Verifier(VerifyLimits(config.load_timeout_seconds, config.max_model_bytes,
-                                              config.allow_pyfunc, config.verifier_nice),
-                                 zygote=config.verifier_zygote)
+        self.limits = VerifyLimits(config.load_timeout_seconds, config.max_model_bytes, config.allow_pyfunc,
+                                   config.verifier_nice)
+        self.verifier = Verifier(self.limits, zygote=config.verifier_zygote)
         self._client: Any = None
 
     @property

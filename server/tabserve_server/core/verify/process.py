@@ -49,7 +49,7 @@ class Ended:
     timed_out: bool = False
 
 
-def arguments(directory: Path, label: str, limits: VerifyLimits, parent_pid: int, compile_to: Path | None = None,
+def arguments(directory: Path, label: str, limits: VerifyLimits, parent_pid: int, *, compile_to: Path | None = None,
               threshold: float = 0.5) -> list[str]:
     """The verifier's command-line arguments (__main__.py), for a process whose parent is `parent_pid`."""
     args = [str(directory), "--label", label, "--max-model-bytes", str(limits.max_model_bytes),
@@ -69,7 +69,7 @@ def verify(directory: Path, label: str, limits: VerifyLimits, compile_to: Path |
 
     With `compile_to`, the process also compiles it there for the compiled backend (core/compiled.py)."""
     command = [sys.executable, "-m", "tabserve_server.core.verify",
-               *arguments(directory, label, limits, os.getpid(), compile_to, threshold)]
+               *arguments(directory, label, limits, os.getpid(), compile_to=compile_to, threshold=threshold)]
     started = time.monotonic()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           env={**os.environ, **VERIFIER_ENV}, start_new_session=True,
