@@ -26,6 +26,9 @@ class Served:
     loaded_from: str = ""
     loaded_at: datetime | None = None
     digest: str = ""  # "sha256:<hex>" of the bytes the version was parsed from
+    backend: str = ""  # as the worker reports it (core/model.py LoadedModel.backend), with its version and note
+    backend_version: str = ""
+    backend_note: str = ""
 
     @property
     def key(self) -> tuple[str, str]:

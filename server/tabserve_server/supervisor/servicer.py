@@ -34,13 +34,16 @@ def served_from_message(message: Any) -> Served | None:
     if not message.model_name:
         return None
     return Served(message.model_name, message.version, message.source_uri, message.loaded_from,
-                  _time(message, "loaded_at"), message.digest)
+                  _time(message, "loaded_at"), message.digest, message.backend, message.backend_version,
+                  message.backend_note)
 
 
 def served_message(served: Served) -> Any:
     return control_pb2.ServedVersion(model_name=served.model_name, version=served.version,
                                      source_uri=served.source_uri, loaded_from=served.loaded_from,
-                                     loaded_at=timestamp(served.loaded_at), digest=served.digest)
+                                     loaded_at=timestamp(served.loaded_at), digest=served.digest,
+                                     backend=served.backend, backend_version=served.backend_version,
+                                     backend_note=served.backend_note)
 
 
 def state_from_message(status: Any) -> WorkerState:
