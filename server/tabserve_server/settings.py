@@ -158,10 +158,9 @@ class ServerSettings(Settings):
         minimum=0, maximum=19,
     )
     verifier_zygote: bool = setting(
-        False, "Fork each verifier process from a long-lived zygote that imported lightgbm once, instead of "
+        True, "Fork each verifier process from a long-lived zygote that imported lightgbm once, instead of "
         "starting a fresh interpreter per verification (docs/architecture.md#quarantine); a dead zygote is "
-        "restarted, and its verification runs in a fresh process meanwhile. Off by default until the fault "
-        "matrix passes with it at workers=2.",
+        "restarted, and its verification runs in a fresh process meanwhile.",
     )
     max_model_bytes: int = setting(
         2**30, "Largest model file (MLmodel, LightGBM model) accepted; a larger one is refused before parsing.",
