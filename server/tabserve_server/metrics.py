@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from tabserve_server.core.compiling import OUTCOMES as COMPILE_OUTCOMES
 from tabserve_server.core.manager import LoadOutcome
 from tabserve_server.core.model import LoadedModel
 from tabserve_server.transport.admission import REASONS as REFUSAL_REASONS
@@ -139,6 +140,8 @@ class ServerMetrics:
             "(both serve compiled code), missing, failed, timeout, crash, unverified (the booster keeps serving).",
             ["outcome"], registry=registry,
         )
+        for outcome in COMPILE_OUTCOMES:  # zero series from the start, as for the load results below
+            self.compiles.labels(outcome)
         self.model_loaded = Gauge(
             PREFIX + "model_loaded_timestamp_seconds", "Unix time the served version was swapped in.",
             registry=registry,
