@@ -53,10 +53,12 @@ def _in_process(result: SectionResult, model_file: str, cache: Path, rows: np.nd
         booster = LightGBMPredictor(lightgbm.Booster(model_file=model_file), threads)
         compiled = CompiledPredictor(booster, load_forest(code), compiler_version(), threads)
         rates: dict[str, float] = {}
+        p50s: dict[str, float] = {}
         for name, predictor in (("lightgbm", booster), ("compiled", compiled)):
             samples = _sequential(predictor.predict, singles, calls, 0)
             if threads == 1:
-                result.add("single row: p50", name, IN_PROCESS, percentile_ms(samples, 50), "ms", samples=len(samples))
+                p50s[name] = result.add("single row: p50", name, IN_PROCESS, percentile_ms(samples, 50), "ms",
+                                        samples=len(samples))
             predictor.predict(batch)
             started, batches = time.perf_counter(), 3 if quick else 30
             for _ in range(batches):
@@ -64,6 +66,10 @@ def _in_process(result: SectionResult, model_file: str, cache: Path, rows: np.nd
             rates[name] = result.add(f"1000-row batch, {threads} thread{'s' * (threads > 1)}", name, IN_PROCESS,
                                      batches * len(batch) / (time.perf_counter() - started), "rows/s",
                                      samples=batches)
+        if p50s:
+            result.targets.append(Target("compiled single row, in process: speed-up", ratio(
+                p50s["lightgbm"], p50s["compiled"]), 2.0, at_most=False,
+                basis="p50 of LightGBM's single-row fast path / p50 of the compiled predictor, 1 thread"))
         result.targets.append(Target(f"compiled batch rows/s, {threads} thread(s), in process", ratio(
             rates["compiled"], rates["lightgbm"]), 2.0, at_most=False, basis="compiled / LightGBM Booster.predict"))
 
