@@ -75,18 +75,32 @@ class Callers:
         self._thread.join(10)
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["single", "workers2"])
-def server(request: pytest.FixtureRequest, tracking_uri: str, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Server]:
-    """A server serving version 1 from the registry; its cache then holds version 1."""
-    cache = tmp_path_factory.mktemp(f"quarantine-cache-{request.param}")
-    serving = Server(server_settings(tracking_uri, cache, workers=request.param,
-                                     load_timeout_seconds=LOAD_TIMEOUT, verifier_nice=VERIFIER_NICE))
+def _serving(workers: int, tracking_uri: str, cache: Path, **settings: object) -> Iterator[Server]:
+    serving = Server(server_settings(tracking_uri, cache, workers=workers, load_timeout_seconds=LOAD_TIMEOUT,
+                                     verifier_nice=VERIFIER_NICE, **settings))
     try:
         serving.settle_on("1", timeout=120)
         yield serving
     finally:
         serving.close()
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["single", "workers2"])
+def server(request: pytest.FixtureRequest, tracking_uri: str, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Server]:
+    """A server serving version 1 from the registry; its cache then holds version 1."""
+    yield from _serving(request.param, tracking_uri, tmp_path_factory.mktemp(f"quarantine-cache-{request.param}"))
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["single", "workers2"])
+def spawning_server(request: pytest.FixtureRequest, tracking_uri: str, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[Server]:
+    """As `server`, with every verifier spawned (`verifier_zygote` off). The tests that signal a verifier must
+    catch it alive from a /proc poll; a child forked by the zygote can finish its verification before the poll
+    sees it on an idle machine (seen in CI: "saw 0 verifiers in 60 s"). The zygote's own kill, crash and time-limit
+    cases are in tests/test_quarantine_zygote.py."""
+    cache = tmp_path_factory.mktemp(f"quarantine-spawn-cache-{request.param}")
+    yield from _serving(request.param, tracking_uri, cache, verifier_zygote=False)
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -171,9 +185,10 @@ def test_a_version_that_crashed_its_verifier_is_retried_no_faster_than_the_back_
 
 
 def test_a_verifier_killed_mid_load_is_a_failed_load_retried_after_its_back_off(
-    server: Server, faults: dict[str, Path]
+    spawning_server: Server, faults: dict[str, Path]
 ) -> None:
     """The first three verifiers of a good version (each worker's) die by SIGKILL; the fourth attempt serves it."""
+    server = spawning_server
     crashes = server.metric("tabserve_server_model_load_failures_total", reason="crash") or 0.0
     logged = server.process.stderr().count("crashed with signal 9")
     pid, version = server.process.pid, "good-killed"
@@ -201,9 +216,10 @@ def test_a_verifier_killed_mid_load_is_a_failed_load_retried_after_its_back_off(
 
 
 def test_a_verifier_that_hangs_past_load_timeout_seconds_is_killed_and_the_old_version_keeps_serving(
-    server: Server, faults: dict[str, Path]
+    spawning_server: Server, faults: dict[str, Path]
 ) -> None:
     """SIGSTOP makes the verifier hang as a process stuck on a dead disk would: alive, doing nothing."""
+    server = spawning_server
     timeouts = server.metric("tabserve_server_model_load_failures_total", reason="timeout") or 0.0
     version = "good-hung"
     callers = Callers(server.target)
