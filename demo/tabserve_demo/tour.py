@@ -32,7 +32,7 @@ from tabserve_demo.processes import ChildProcess, MonitorProcess, ServerProcess
 from tabserve_demo.tour_decisions import show_decision_record, verify_decision_log
 from tabserve_demo.tour_output import STEPS, TourError, detail, metric_or_none, say, step, wait_until
 from tabserve_demo.tour_reasons import show_declined_applicant
-from tabserve_demo.tour_registry import check_registry
+from tabserve_demo.tour_registry import alias_off_broken, broken_versions, check_registry
 
 MODEL_NAME: Final = "credit-default"
 ALIAS: Final = "production"
@@ -84,9 +84,7 @@ class Tour:
             self._rollback_step(monitor.metrics_port)
         self._stop_step(server, monitor)
         self._step(9, f"Check the registry's health: tabserve-admin registry check {MODEL_NAME}")
-        broken = [str(v.version) for v in self.registry.search_model_versions(f"name='{MODEL_NAME}'")
-                  if _is_broken(self.registry, v)]
-        self.summary.append(check_registry(self.tracking_uri, MODEL_NAME, broken))
+        self.summary.append(check_registry(self.tracking_uri, MODEL_NAME, broken_versions(self.registry, MODEL_NAME)))
 
     # --- the steps -----------------------------------------------------------------------------------
 
@@ -264,15 +262,7 @@ class Tour:
 
         tracking_uri = bootstrap_embedded_registry(self.data_dir, model_name=MODEL_NAME)
         registry = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        current = registry.get_model_version_by_alias(MODEL_NAME, ALIAS)
-        if _is_broken(registry, current):  # a previous tour in this data dir stopped after promoting the broken one
-            good = max((v for v in registry.search_model_versions(f"name='{MODEL_NAME}'")
-                        if not _is_broken(registry, v)),
-                       key=lambda v: int(v.version))
-            registry.set_registered_model_alias(MODEL_NAME, ALIAS, good.version)
-            detail(f"alias {ALIAS} was on broken version {current.version}: moved back to {good.version}")
-            current = good
-        return tracking_uri, str(current.version)
+        return tracking_uri, alias_off_broken(registry, MODEL_NAME, ALIAS)
 
     def _start(self, tracking_uri: str) -> tuple[ServerProcess, MonitorProcess]:
         from tabserve_demo.embedded import embedded_paths
@@ -318,11 +308,6 @@ class Tour:
             self.control.close()
         for child in reversed(self.children):
             child.stop(STOP_TIMEOUT_S)
-
-
-def _is_broken(registry: Any, version: Any) -> bool:
-    """A version the tour registered broken on purpose (its run's parameter `broken`)."""
-    return str(registry.get_run(version.run_id).data.params.get("broken", "no")) != "no"
 
 
 def _monitor_metric(port: int, name: str, **labels: str) -> float:

@@ -1,4 +1,6 @@
-"""The `make demo` tour's last step: `tabserve-admin registry check` on the tour's own registry, its output shown.
+"""The `make demo` tour's registry chores: its last step, `tabserve-admin registry check` on the tour's own
+registry with its output shown, and which versions the tour broke on purpose (the check expects findings there;
+a rerun moves the alias off one).
 
 The tour registers a broken version on purpose (its model file deleted), so the registry is not healthy, and
 says so: the metadata check (nothing downloaded) must pass with exit status 0, since every version has its
@@ -12,11 +14,35 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from tabserve_demo.tour_output import TourError, detail
 
 CHECK_TIMEOUT_S = 300.0
 EXPECTED_FINDING = "artifact_missing"
+
+
+def is_broken(registry: Any, version: Any) -> bool:
+    """A version the tour registered broken on purpose (its run's parameter `broken`)."""
+    return str(registry.get_run(version.run_id).data.params.get("broken", "no")) != "no"
+
+
+def alias_off_broken(registry: Any, model: str, alias: str) -> str:
+    """The version `alias` is on, after moving it to the newest good version if it was on a broken one (a previous
+    tour in the same data dir stopped after promoting the broken version)."""
+    current = registry.get_model_version_by_alias(model, alias)
+    if is_broken(registry, current):
+        good = max((v for v in registry.search_model_versions(f"name='{model}'") if not is_broken(registry, v)),
+                   key=lambda v: int(v.version))
+        registry.set_registered_model_alias(model, alias, good.version)
+        detail(f"alias {alias} was on broken version {current.version}: moved back to {good.version}")
+        current = good
+    return str(current.version)
+
+
+def broken_versions(registry: Any, model: str) -> list[str]:
+    """The versions of `model` the tour registered broken on purpose."""
+    return [str(v.version) for v in registry.search_model_versions(f"name='{model}'") if is_broken(registry, v)]
 
 
 def _run(tracking_uri: str, model: str, *flags: str) -> tuple[int, list[str]]:
