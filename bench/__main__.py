@@ -59,10 +59,10 @@ from bench import (
     reload_memory,
     serving,
 )
-from bench.model import FULL, TINY, Registry, bench_rows, ensure_model, registry_for
+from bench.model import FULL, TINY, BenchModel, ModelSpec, Registry, bench_rows, ensure_model, registry_for
 from bench.processes import REPO, start_project_server, start_reference_server, wait_serving
 from bench.report import SectionResult, format_figures, format_targets, markdown
-from tabserve_demo.processes import ServerProcess
+from tabserve_demo.processes import ChildProcess, ServerProcess
 
 log = logging.getLogger("bench")
 
@@ -138,8 +138,19 @@ def run_all(quick: bool) -> dict[str, Any]:
     sections: dict[str, dict[str, Any]] = {}
     log.info("model ready after %.1f s", time.monotonic() - started)
     _guarded("compute", sections, lambda: compute.run(str(model.model_file), rows, quick))
-    with tempfile.TemporaryDirectory(prefix="tabserve-bench-") as tmp, contextlib.ExitStack() as children:
-        workdir = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="tabserve-bench-") as tmp:
+        _server_sections(sections, Path(tmp), model=model, spec=spec, rows=rows, quick=quick, started=started)
+    # The servers have stopped: these sections start their own processes.
+    _guarded("monitor-poll", sections, lambda: monitor_poll.run(quick))
+    _guarded("reload-memory", sections, lambda: reload_memory.run(quick))
+    return _results(sections, quick=quick, spec=spec, model=model, started=started, load_before=load_before)
+
+
+def _server_sections(sections: dict[str, dict[str, Any]], workdir: Path, *, model: BenchModel, spec: ModelSpec,
+                     rows: Any, quick: bool, started: float) -> None:
+    """The sections that measure servers. The first ones share one project server and the reference server; the
+    later ones start project servers of their own, beside the reference. Every server stops on return."""
+    with contextlib.ExitStack() as children:
         registry = registry_for(model)
         log.info("registered versions %s in %.1f s", registry.versions, time.monotonic() - started)
         reference = start_reference_server(model.model_file, workdir, registry.model_name, registry.versions[0])
@@ -160,40 +171,49 @@ def run_all(quick: bool) -> dict[str, Any]:
         ))
         _guarded("reload", sections, lambda: _reload_and_promote(project, registry, rows, quick, workdir))
         project.stop()  # the reference stays up for the multi-worker section's alternating rounds
+        _own_server_sections(sections, workdir, registry, reference=reference, model=model, spec=spec, rows=rows,
+                             quick=quick)
 
-        def start_server(name: str, start_timeout: float = 120.0, **overrides: Any) -> ServerProcess:
-            return start_project_server(
-                registry.tracking_uri, f"models:/{registry.model_name}@production", workdir, name, start_timeout,
-                **overrides,
-            )
 
-        _guarded("multi-worker", sections, lambda: h2load.run_multi_worker(
-            h2load.ensure_h2load(), workdir, rows, reference=reference, quick=quick,
-            start_server=start_server, wait_serving=wait_serving,
-        ))
-        _guarded("v2", sections, lambda: open_inference.run(
-            h2load.ensure_h2load(), workdir, rows, model_name=registry.model_name, reference=reference, quick=quick,
-            start_server=start_server, wait_serving=wait_serving,
-        ))
-        _guarded("mtls", sections, lambda: mtls.run(
-            workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
-        ))
-        _guarded("decision-log", sections, lambda: decision_log.run(
-            workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
-        ))
-        _guarded("explain", sections, lambda: explain.run(
-            str(model.model_file), rows, quick=quick, start_server=start_server, wait_serving=wait_serving
-        ))
-        _guarded("compiled", sections, lambda: compiled.run(
-            str(model.model_file), spec.key(), rows, quick=quick, start_server=start_server, wait_serving=wait_serving
-        ))
-        _guarded("overload", sections, lambda: overload.run(
-            h2load.ensure_h2load(), workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
-        ))
-        children.close()  # servers stop before the sections that start their own
-    _guarded("monitor-poll", sections, lambda: monitor_poll.run(quick))
-    _guarded("reload-memory", sections, lambda: reload_memory.run(quick))
+def _own_server_sections(sections: dict[str, dict[str, Any]], workdir: Path, registry: Registry, *,
+                         reference: ChildProcess, model: BenchModel, spec: ModelSpec, rows: Any, quick: bool) -> None:
+    """The sections that start project servers of their own (`start_server`) on the run's registry."""
 
+    def start_server(name: str, start_timeout: float = 120.0, **overrides: Any) -> ServerProcess:
+        return start_project_server(
+            registry.tracking_uri, f"models:/{registry.model_name}@production", workdir, name, start_timeout,
+            **overrides,
+        )
+
+    _guarded("multi-worker", sections, lambda: h2load.run_multi_worker(
+        h2load.ensure_h2load(), workdir, rows, reference=reference, quick=quick,
+        start_server=start_server, wait_serving=wait_serving,
+    ))
+    _guarded("v2", sections, lambda: open_inference.run(
+        h2load.ensure_h2load(), workdir, rows, model_name=registry.model_name, reference=reference, quick=quick,
+        start_server=start_server, wait_serving=wait_serving,
+    ))
+    _guarded("mtls", sections, lambda: mtls.run(
+        workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+    ))
+    _guarded("decision-log", sections, lambda: decision_log.run(
+        workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+    ))
+    _guarded("explain", sections, lambda: explain.run(
+        str(model.model_file), rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+    ))
+    _guarded("compiled", sections, lambda: compiled.run(
+        str(model.model_file), spec.key(), rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+    ))
+    _guarded("overload", sections, lambda: overload.run(
+        h2load.ensure_h2load(), workdir, rows, quick=quick, start_server=start_server, wait_serving=wait_serving
+    ))
+
+
+def _results(sections: dict[str, dict[str, Any]], *, quick: bool, spec: ModelSpec, model: BenchModel, started: float,
+             load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """The results file: the sections, every target, and what the figures were measured on (machine, versions,
+    model, commit)."""
     targets = [t for section in sections.values() for t in section.get("targets", [])]
     return {
         "mode": "quick" if quick else "full",
