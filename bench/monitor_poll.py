@@ -231,6 +231,16 @@ def _label(size: str, versions: int) -> str:
     return "1 version" if size == SMALL else f"{versions} versions"
 
 
+def _store_work_figures(section: SectionResult, backend: str, uris: dict[str, str], versions: int) -> None:
+    """The store's work per poll (SQL statements, ORM rows), per registry and mode: counts noise cannot move."""
+    for size, uri in uris.items():
+        for mode, work in store_work(uri).items():
+            label_size = _label(size, versions)
+            for what, count in work.items():
+                section.add(f"store {what} per poll, {mode}, {label_size}", backend, "SQLAlchemy events", count,
+                            "count")
+
+
 def _postgresql_leg(section: SectionResult, root: Path, versions: int, runs: int, polls: int) -> None:
     """The same two registries in PostgreSQL (a throwaway cluster on loopback), polled in-process."""
     import os
@@ -252,14 +262,62 @@ def _postgresql_leg(section: SectionResult, root: Path, versions: int, runs: int
         }
         section.notes.append(f"postgresql registries built in {time.monotonic() - started:.0f} s (PostgreSQL "
                              f"{cluster.bin_dir.parent.name}, loopback TCP, fsync off)")
-        for size, uri in uris.items():
-            for mode, work in store_work(uri).items():
-                for what, count in work.items():
-                    section.add(f"store {what} per poll, {mode}, {_label(size, versions)}", "postgresql",
-                                "SQLAlchemy events", count, "count")
+        _store_work_figures(section, "postgresql", uris, versions)
         _measure(section, "postgresql", uris, polls, versions)
     finally:
         cluster.remove()
+
+
+def _build_registries(section: SectionResult, root: Path, versions: int, runs: int, large_bytes: int
+                      ) -> dict[str, str]:
+    """The small and the large SQLite registry under `root`, by size; the time it took goes in a note."""
+    started = time.monotonic()
+    uris = {
+        SMALL: build_registry(root / "small", versions=1, runs=1, large_bytes=0),
+        LARGE: build_registry(root / "large", versions=versions, runs=runs, large_bytes=large_bytes),
+    }
+    section.notes.append(
+        f"registries built in {time.monotonic() - started:.0f} s: 1 version/1 run vs {versions} versions/"
+        f"{runs} runs and a {large_bytes >> 20} MB artifact in the shared model directory"
+    )
+    return uris
+
+
+def _stage_audit(section: SectionResult, uris: dict[str, str], versions: int) -> None:
+    """The stage audit (every version listed) timed once per registry, and its cost amortized over the polls."""
+    audit = {}
+    for size, uri in uris.items():
+        watcher = _watcher(uri, "stage")
+        watcher.stage_versions()
+        started = time.perf_counter()
+        watcher.stage_versions()
+        audit[size] = time.perf_counter() - started
+        label_size = _label(size, versions)
+        section.add(f"stage audit (all versions listed), {label_size}", "sqlite", "RegistryWatcher.stage_versions",
+                    audit[size] * 1e3, "ms", samples=1)
+    section.notes.append(
+        f"stage audit with {versions} versions every 300 s at a 5 s poll: {audit[LARGE] * 1e3 * 5 / 300:.2f} ms "
+        "amortized per poll (and once after each change of the registered model)"
+    )
+
+
+def _mlflow_server_leg(section: SectionResult, root: Path, uris: dict[str, str], labels: dict[str, str], *,
+                       polls: int, versions: int, checks: int) -> None:
+    """Polls and registry checks through a real `mlflow server` per SQLite registry (the full run only)."""
+    servers = {size: mlflow_server(uri, root / ("small" if size == SMALL else "large"))
+               for size, uri in uris.items()}
+    try:
+        for server in servers.values():
+            server.wait_healthy()
+        _measure(section, "mlflow server", {size: s.url for size, s in servers.items()}, polls, versions,
+                 servers=servers)
+        registry_check.measure(section, "mlflow server", {label: servers[size].url for label, size in zip(
+            labels, uris, strict=True)}, MODEL_NAME, checks)
+    finally:
+        for server in servers.values():
+            server.terminate()
+        for server in servers.values():
+            server.stop()
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -272,36 +330,10 @@ def run(quick: bool) -> dict[str, Any]:
     section = SectionResult()
     with tempfile.TemporaryDirectory(prefix="tabserve-poll-bench-") as tmp:
         root = Path(tmp)
-        started = time.monotonic()
-        uris = {
-            SMALL: build_registry(root / "small", versions=1, runs=1, large_bytes=0),
-            LARGE: build_registry(root / "large", versions=versions, runs=runs, large_bytes=large_bytes),
-        }
-        section.notes.append(
-            f"registries built in {time.monotonic() - started:.0f} s: 1 version/1 run vs {versions} versions/"
-            f"{runs} runs and a {large_bytes >> 20} MB artifact in the shared model directory"
-        )
-        for size, uri in uris.items():
-            for mode, work in store_work(uri).items():
-                label_size = _label(size, versions)
-                for what, count in work.items():
-                    section.add(f"store {what} per poll, {mode}, {label_size}", "sqlite", "SQLAlchemy events",
-                                count, "count")
+        uris = _build_registries(section, root, versions, runs, large_bytes)
+        _store_work_figures(section, "sqlite", uris, versions)
         _measure(section, "sqlite", uris, polls, versions)
-        audit = {}
-        for size, uri in uris.items():
-            watcher = _watcher(uri, "stage")
-            watcher.stage_versions()
-            started = time.perf_counter()
-            watcher.stage_versions()
-            audit[size] = time.perf_counter() - started
-            label_size = _label(size, versions)
-            section.add(f"stage audit (all versions listed), {label_size}", "sqlite", "RegistryWatcher.stage_versions",
-                        audit[size] * 1e3, "ms", samples=1)
-        section.notes.append(
-            f"stage audit with {versions} versions every 300 s at a 5 s poll: {audit[LARGE] * 1e3 * 5 / 300:.2f} ms "
-            "amortized per poll (and once after each change of the registered model)"
-        )
+        _stage_audit(section, uris, versions)
         _postgresql_leg(section, root, versions, runs, polls)
         checks = 3 if quick else 20
         labels = {_label(size, versions): uri for size, uri in uris.items()}
@@ -309,20 +341,7 @@ def run(quick: bool) -> dict[str, Any]:
         if quick:
             section.notes.append("quick: the mlflow server leg is skipped")
         else:
-            servers = {size: mlflow_server(uri, root / ("small" if size == SMALL else "large"))
-                       for size, uri in uris.items()}
-            try:
-                for server in servers.values():
-                    server.wait_healthy()
-                _measure(section, "mlflow server", {size: s.url for size, s in servers.items()}, polls, versions,
-                         servers=servers)
-                registry_check.measure(section, "mlflow server", {label: servers[size].url for label, size in zip(
-                    labels, uris, strict=True)}, MODEL_NAME, checks)
-            finally:
-                for server in servers.values():
-                    server.terminate()
-                for server in servers.values():
-                    server.stop()
+            _mlflow_server_leg(section, root, uris, labels, polls=polls, versions=versions, checks=checks)
     return section.as_dict()
 
 
