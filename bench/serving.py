@@ -102,12 +102,14 @@ def concurrent_calls(call: Call, singles: Sequence[np.ndarray], total: int, call
     return per_caller * callers / elapsed, sum(failures)
 
 
+Combo = tuple[str, str]  # (server, generator)
+
+
 def run(project_target: str, reference_target: str, rows: np.ndarray, quick: bool, model_file: str) -> dict[str, Any]:
     import lightgbm
 
     result = SectionResult()
     booster = lightgbm.Booster(model_file=model_file)  # the batch target's denominator, measured in the same blocks
-    threads = os.cpu_count() or 1  # the server's predict_threads=0
     singles = [np.ascontiguousarray(rows[i : i + 1]) for i in range(len(rows))]
     batch = np.ascontiguousarray(rows[:1000])
     gens = {"project": Generators(project_target), "reference": Generators(reference_target)}
@@ -116,71 +118,84 @@ def run(project_target: str, reference_target: str, rows: np.ndarray, quick: boo
         for server, gen in combos:  # warm-up: connections, first predictions, metric children
             _sequential(gens[server].call(gen), singles, 50 if not quick else 10, 0)
             gens[server].call(gen)(batch)
-
-        # Sequential single-row latency, in alternating blocks.
-        per_combo = 40 if quick else 2000
-        block = 20 if quick else 250
-        latencies: dict[tuple[str, str], list[float]] = {c: [] for c in combos}
-        for start in range(0, per_combo, block):
-            for server, gen in combos:
-                latencies[(server, gen)] += _sequential(gens[server].call(gen), singles, block, start)
-        p50: dict[tuple[str, str], float] = {}
-        p99: dict[tuple[str, str], float] = {}
-        for (server, gen), samples in latencies.items():
-            p50[(server, gen)] = result.add("single row, sequential: p50", server, gen,
-                                            percentile_ms(samples, 50), "ms", samples=len(samples))
-            p99[(server, gen)] = result.add("single row, sequential: p99", server, gen,
-                                            percentile_ms(samples, 99), "ms", samples=len(samples))
-        basis = "project via python client / reference via raw stub (sequential single rows)"
-        result.targets.append(Target("single-row p99 via client", ratio(p99[("project", PYTHON_CLIENT)],
-                                     p99[("reference", RAW_STUB)]), 1.5, True, basis))
-        # Issue 18: the p50 target is now the V2 section's against the fast-path reference (<= 1.1); this ratio
-        # (<= 1.15 against the old reference) is kept as a note.
-        result.notes.append(
-            "p50 via client ratio (python client / reference raw stub): "
-            f"{ratio(p50[('project', PYTHON_CLIENT)], p50[('reference', RAW_STUB)]) or float('nan'):.2f}x"
-        )
-        result.notes.append(
-            "server-only p50 ratio (raw stub / raw stub): "
-            f"{ratio(p50[('project', RAW_STUB)], p50[('reference', RAW_STUB)]) or float('nan'):.2f}x"
-        )
-
-        # Single-row throughput, 16 concurrent Python callers on one channel.
-        total = 160 if quick else 4000
-        for server, gen in combos:
-            rate, failed = concurrent_calls(gens[server].call(gen), singles, total, CALLERS)
-            result.add(f"single row, {CALLERS} callers: throughput", server, gen, rate, "calls/s", samples=total)
-            if failed:
-                result.notes.append(f"{server} via {gen}: {failed} failed calls under {CALLERS} callers")
-
-        # 1,000-row batches through the matrix path, and in-process Booster.predict in the same blocks.
-        batch_calls = 3 if quick else 40
-        batch_block = 1 if quick else 5
-        batch_combos = [*combos, ("booster", IN_PROCESS)]
-        in_process: Call = lambda b: booster.predict(b, num_threads=threads)  # noqa: E731
-        in_process(batch)
-        elapsed: dict[tuple[str, str], float] = {c: 0.0 for c in batch_combos}
-        for _ in range(0, batch_calls, batch_block):
-            for server, gen in batch_combos:
-                call = in_process if gen == IN_PROCESS else gens[server].call(gen)
-                started = time.perf_counter()
-                for _ in range(batch_block):
-                    call(batch)
-                elapsed[(server, gen)] += time.perf_counter() - started
-        rows_per_second = {c: batch_calls * len(batch) / elapsed[c] for c in batch_combos}
-        for (server, gen), value in rows_per_second.items():
-            label = "1000-row batch, matrix path" if gen != IN_PROCESS else f"1000-row batch, {threads} threads"
-            result.add(label, server, gen, value, "rows/s", samples=batch_calls)
-        result.targets.append(Target(
-            "1000-row rows/s vs Booster.predict",
-            ratio(rows_per_second[("project", PYTHON_CLIENT)], rows_per_second[("booster", IN_PROCESS)]), 0.9, False,
-            f"project via python client / in-process Booster.predict with {threads} threads (the server's "
-            "predict_threads=0), measured in alternating blocks",
-        ))
+        _sequential_latency(result, gens, combos, singles, quick)
+        _concurrent_throughput(result, gens, combos, singles, quick)
+        _batch_throughput(result, gens, combos, booster=booster, batch=batch, quick=quick)
     finally:
         for g in gens.values():
             g.close()
     return result.as_dict()
+
+
+def _sequential_latency(result: SectionResult, gens: dict[str, Generators], combos: list[Combo],
+                        singles: Sequence[np.ndarray], quick: bool) -> None:
+    """Sequential single-row latency, in alternating blocks: p50/p99 per combination, the p99 target."""
+    per_combo = 40 if quick else 2000
+    block = 20 if quick else 250
+    latencies: dict[Combo, list[float]] = {c: [] for c in combos}
+    for start in range(0, per_combo, block):
+        for server, gen in combos:
+            latencies[(server, gen)] += _sequential(gens[server].call(gen), singles, block, start)
+    p50: dict[Combo, float] = {}
+    p99: dict[Combo, float] = {}
+    for (server, gen), samples in latencies.items():
+        p50[(server, gen)] = result.add("single row, sequential: p50", server, gen,
+                                        percentile_ms(samples, 50), "ms", samples=len(samples))
+        p99[(server, gen)] = result.add("single row, sequential: p99", server, gen,
+                                        percentile_ms(samples, 99), "ms", samples=len(samples))
+    basis = "project via python client / reference via raw stub (sequential single rows)"
+    result.targets.append(Target("single-row p99 via client", ratio(p99[("project", PYTHON_CLIENT)],
+                                 p99[("reference", RAW_STUB)]), 1.5, True, basis))
+    # Issue 18: the p50 target is now the V2 section's against the fast-path reference (<= 1.1); this ratio
+    # (<= 1.15 against the old reference) is kept as a note.
+    result.notes.append(
+        "p50 via client ratio (python client / reference raw stub): "
+        f"{ratio(p50[('project', PYTHON_CLIENT)], p50[('reference', RAW_STUB)]) or float('nan'):.2f}x"
+    )
+    result.notes.append(
+        "server-only p50 ratio (raw stub / raw stub): "
+        f"{ratio(p50[('project', RAW_STUB)], p50[('reference', RAW_STUB)]) or float('nan'):.2f}x"
+    )
+
+
+def _concurrent_throughput(result: SectionResult, gens: dict[str, Generators], combos: list[Combo],
+                           singles: Sequence[np.ndarray], quick: bool) -> None:
+    """Single-row throughput, 16 concurrent Python callers on one channel."""
+    total = 160 if quick else 4000
+    for server, gen in combos:
+        rate, failed = concurrent_calls(gens[server].call(gen), singles, total, CALLERS)
+        result.add(f"single row, {CALLERS} callers: throughput", server, gen, rate, "calls/s", samples=total)
+        if failed:
+            result.notes.append(f"{server} via {gen}: {failed} failed calls under {CALLERS} callers")
+
+
+def _batch_throughput(result: SectionResult, gens: dict[str, Generators], combos: list[Combo], *, booster: Any,
+                      batch: np.ndarray, quick: bool) -> None:
+    """1,000-row batches through the matrix path, and in-process Booster.predict in the same blocks."""
+    threads = os.cpu_count() or 1  # the server's predict_threads=0
+    batch_calls = 3 if quick else 40
+    batch_block = 1 if quick else 5
+    batch_combos = [*combos, ("booster", IN_PROCESS)]
+    in_process: Call = lambda b: booster.predict(b, num_threads=threads)  # noqa: E731
+    in_process(batch)
+    elapsed: dict[Combo, float] = {c: 0.0 for c in batch_combos}
+    for _ in range(0, batch_calls, batch_block):
+        for server, gen in batch_combos:
+            call = in_process if gen == IN_PROCESS else gens[server].call(gen)
+            started = time.perf_counter()
+            for _ in range(batch_block):
+                call(batch)
+            elapsed[(server, gen)] += time.perf_counter() - started
+    rows_per_second = {c: batch_calls * len(batch) / elapsed[c] for c in batch_combos}
+    for (server, gen), value in rows_per_second.items():
+        label = "1000-row batch, matrix path" if gen != IN_PROCESS else f"1000-row batch, {threads} threads"
+        result.add(label, server, gen, value, "rows/s", samples=batch_calls)
+    result.targets.append(Target(
+        "1000-row rows/s vs Booster.predict",
+        ratio(rows_per_second[("project", PYTHON_CLIENT)], rows_per_second[("booster", IN_PROCESS)]), 0.9, False,
+        f"project via python client / in-process Booster.predict with {threads} threads (the server's "
+        "predict_threads=0), measured in alternating blocks",
+    ))
 
 
 # --- reload under load --------------------------------------------------------------------------
