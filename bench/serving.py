@@ -258,38 +258,50 @@ def run_reload(
     steady_seconds = 2.0 if quick else 10.0
     channel = grpc.insecure_channel(project_target)
     control = ControlClient(f"127.0.0.1:{control_port}", timeout=10)
+    reload_seconds: list[float] = []
     try:
         stub = scoring_pb2_grpc.ScoringStub(channel)
         served = control.status().serving.version
         before = score_calls_by_code(metrics_port)
         steady = _under_load(stub, singles, callers, lambda: time.sleep(steady_seconds))
-        reload_seconds: list[float] = []
-
-        def reload_loop() -> None:
-            current = served
-            for _ in range(reloads):
-                version = next(v for v in versions if v != current)
-                started = time.monotonic()
-                control.set_aspired(aspired_version(f"models:/{model_name}/{version}"))
-                while True:
-                    status = control.status()
-                    if status.serving.version == version and status.load_state == control_pb2.LOAD_STATE_IDLE:
-                        break
-                    if status.load_state == control_pb2.LOAD_STATE_FAILED:
-                        raise RuntimeError(f"reload to version {version} failed: {status.last_error}")
-                    if time.monotonic() - started > 120:
-                        raise TimeoutError(f"reload to version {version} not done after 120 s")
-                    time.sleep(0.02)
-                reload_seconds.append(time.monotonic() - started)
-                current = version
-                time.sleep(0.5)  # calls right after the swap run on the new version: keep them in the window
-
-        during = _under_load(stub, singles, callers, reload_loop)
+        during = _under_load(stub, singles, callers, lambda: _switch_versions(
+            control, model_name, versions, served=served, reloads=reloads, reload_seconds=reload_seconds
+        ))
         after = score_calls_by_code(metrics_port)
     finally:
         channel.close()
         control.close()
     server_failed = sum(v - before.get(code, 0.0) for code, v in after.items() if code != "OK")
+    _reload_figures(result, steady, during, reload_seconds=reload_seconds, callers=callers, server_failed=server_failed)
+    return result.as_dict()
+
+
+def _switch_versions(control: ControlClient, model_name: str, versions: Sequence[str], *, served: str, reloads: int,
+                     reload_seconds: list[float]) -> None:
+    """Switch the served version `reloads` times, away from the one served each time; each switch waits until
+    the new version is served and the server idle, and appends how long that took to `reload_seconds`."""
+    current = served
+    for _ in range(reloads):
+        version = next(v for v in versions if v != current)
+        started = time.monotonic()
+        control.set_aspired(aspired_version(f"models:/{model_name}/{version}"))
+        while True:
+            status = control.status()
+            if status.serving.version == version and status.load_state == control_pb2.LOAD_STATE_IDLE:
+                break
+            if status.load_state == control_pb2.LOAD_STATE_FAILED:
+                raise RuntimeError(f"reload to version {version} failed: {status.last_error}")
+            if time.monotonic() - started > 120:
+                raise TimeoutError(f"reload to version {version} not done after 120 s")
+            time.sleep(0.02)
+        reload_seconds.append(time.monotonic() - started)
+        current = version
+        time.sleep(0.5)  # calls right after the swap run on the new version: keep them in the window
+
+
+def _reload_figures(result: SectionResult, steady: _Calls, during: _Calls, *, reload_seconds: list[float], callers: int,
+                    server_failed: float) -> None:
+    """The reload section's figures, notes and target: p99 during reloads against steady, and zero failures."""
     steady_p99 = result.add(f"single row, {callers} callers, steady: p99", "project", RAW_STUB,
                             percentile_ms(steady.latencies, 99), "ms", samples=len(steady.latencies))
     result.add(f"single row, {callers} callers, steady: p50", "project", RAW_STUB,
@@ -312,4 +324,3 @@ def run_reload(
         f"p99 during {len(reload_seconds)} reloads / steady p99, {callers} raw-stub callers",
         extra_ok=failed == 0 and server_failed == 0, detail=f"{failed + int(server_failed)} failed calls",
     ))
-    return result.as_dict()
