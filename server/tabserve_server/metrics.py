@@ -100,8 +100,27 @@ class DecisionLogMetrics:
 
 
 class ServerMetrics:
+    """Every metric of one server process, registered in `registry` in a fixed order (the exposition's order)."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._request_metrics(registry)
+        self._model_metrics(registry)
+        # Multi-worker servers: the supervisor's /metrics reports these itself (see supervisor/metrics.py).
+        self.workers = Gauge(PREFIX + "workers", "Worker processes up (1 for a single process).", registry=registry)
+        self.workers.set(1)
+        self.worker_restarts = Counter(
+            PREFIX + "worker_restarts", "Worker processes restarted by the supervisor after they died.",
+            registry=registry,
+        )
+        self.decision_log = DecisionLogMetrics(registry)
+        self.scores = ScoreHistogram()
+        registry.register(self.scores)
+        self._served_labels: tuple[str, str, str] | None = None
+        self._backend_labels: tuple[str, str] | None = None
+
+    def _request_metrics(self, registry: CollectorRegistry) -> None:
+        """Public RPCs: counts by method, code and caller, durations, rows scored, in flight, queued, refused."""
         self.requests = Counter(
             PREFIX + "requests", "Public RPCs handled, by method and gRPC status code.", ["method", "code"],
             registry=registry,
@@ -127,6 +146,9 @@ class ServerMetrics:
         )
         for reason in REFUSAL_REASONS:
             self.refused.labels(reason)
+
+    def _model_metrics(self, registry: CollectorRegistry) -> None:
+        """The served version, its backend and compiles, load attempts and their outcomes, serving or not."""
         self.model_info = Gauge(
             PREFIX + "model_info", "The served model version (value 1).",
             ["model_name", "model_version", "loaded_from"], registry=registry,
@@ -169,18 +191,6 @@ class ServerMetrics:
         self.serving = Gauge(
             PREFIX + "serving", "1 when a model is loaded and requests are accepted.", registry=registry
         )
-        # Multi-worker servers: the supervisor's /metrics reports these itself (see supervisor/metrics.py).
-        self.workers = Gauge(PREFIX + "workers", "Worker processes up (1 for a single process).", registry=registry)
-        self.workers.set(1)
-        self.worker_restarts = Counter(
-            PREFIX + "worker_restarts", "Worker processes restarted by the supervisor after they died.",
-            registry=registry,
-        )
-        self.decision_log = DecisionLogMetrics(registry)
-        self.scores = ScoreHistogram()
-        registry.register(self.scores)
-        self._served_labels: tuple[str, str, str] | None = None
-        self._backend_labels: tuple[str, str] | None = None
 
     def observe_scores(self, scores: np.ndarray) -> None:
         self.rows_scored.inc(scores.shape[0])
