@@ -1,4 +1,5 @@
-"""Shared fixtures: a real SQLite MLflow registry with the demo model, and real servers on port 0."""
+"""Shared fixtures: a real SQLite MLflow registry with the demo model, real servers on port 0, the example
+applicants file."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from tabserve_client import ScoringClient
 from tabserve_demo.embedded import bootstrap_embedded_registry
 from tabserve_server.app import ServingApp
+from tests.client_cli import example_applicants
 from tests.support import MODEL_NAME, running_app, server_settings
 
 
@@ -35,3 +37,15 @@ def app(tracking_uri: str, tmp_path: Path) -> Iterator[ServingApp]:
 def client(app: ServingApp) -> Iterator[ScoringClient]:
     with ScoringClient(f"127.0.0.1:{app.public_port}") as scoring:
         yield scoring
+
+
+@pytest.fixture
+def target(app: ServingApp) -> str:
+    """The public address of `app`."""
+    return f"127.0.0.1:{app.public_port}"
+
+
+@pytest.fixture
+def applicants(tmp_path: Path) -> Path:
+    """The example applicants file (clients/examples/applicants.csv), or an equivalent one."""
+    return example_applicants(tmp_path)
