@@ -4,6 +4,7 @@ never fails a verification and is replaced, and neither the zygote nor its child
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -18,10 +19,11 @@ import pytest
 
 from tabserve_server.core.artifact import read_files
 from tabserve_server.core.verify import Verdict, Verifier, VerifyLimits
+from tabserve_server.core.verify.process import VERIFIER_ENV
 from tabserve_server.errors import VerifierFailed
 from tests.corrupt import fault_copies
 from tests.support import MODEL_NAME, wait_for
-from tests.verifiers import catch, gone, verifiers, zygotes
+from tests.verifiers import catch, gone, stat, verifiers, zygotes
 
 LIMITS = VerifyLimits(timeout_seconds=60, max_model_bytes=2**30, allow_pyfunc=False)
 FALLBACK = "verifying in a process of its own"  # zygote.py's warning when a verification falls back
@@ -184,4 +186,36 @@ def test_a_spawned_process_is_armed_to_die_with_its_parent_before_its_own_code_r
             wait_for(lambda: gone(child), timeout=10, what="the child dead with its parent")
         finally:
             if not gone(child):
+                os.kill(child, signal.SIGKILL)
+
+
+def test_a_child_stopped_before_its_first_step_dies_with_its_zygote() -> None:
+    """The forked child stops itself before anything of its own runs, as a SIGSTOP landing between the fork and
+    `lifeline.arm` would leave it: no parent-death signal is armed, so only its orphaned process group ends it."""
+    code = textwrap.dedent("""
+        import os, signal
+        from tabserve_server.core.verify import fork_server
+        child = fork_server._child
+        def stopped_first(*args):
+            os.kill(os.getpid(), signal.SIGSTOP)
+            child(*args)
+        fork_server._child = stopped_first
+        fork_server.main(["--lean"])
+    """)
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          env={**os.environ, **VERIFIER_ENV}, start_new_session=True) as zygote:  # as zygote.py
+        assert zygote.stdin is not None and zygote.stdout is not None
+        child = 0
+        try:
+            assert "ready" in json.loads(zygote.stdout.readline())
+            zygote.stdin.write(b'{"argv": ["/nonexistent"], "nice": 0}\n')
+            zygote.stdin.flush()
+            child = int(json.loads(zygote.stdout.readline())["pid"])
+            wait_for(lambda: stat(child)[0] in "Tt", timeout=10, interval=0.01, what="the child stopped")
+            zygote.kill()
+            zygote.wait(10)
+            wait_for(lambda: gone(child), timeout=10, what="the stopped child dead with its zygote")
+        finally:
+            zygote.kill()
+            if child and not gone(child):
                 os.kill(child, signal.SIGKILL)

@@ -68,6 +68,20 @@ def _child(request: dict[str, Any], output: int, zygote: int) -> NoReturn:
         os._exit(code)  # never the zygote's exit handlers, never back into its loop
 
 
+def _own_group(pid: int) -> None:
+    """Put the child in a process group of its own, from outside (so even a child stopped before its first step).
+
+    A child stopped (SIGSTOP) before `lifeline.arm` has no parent-death signal, and once the zygote is gone nothing
+    of ours can end it. In a group of its own within the zygote's session, the zygote's death orphans that group,
+    and the kernel sends an orphaned group with a stopped member SIGHUP then SIGCONT: the child dies of the hang-up,
+    or resumes into `arm`, whose parent check ends it. (In the zygote's own group it would not be orphaned: the
+    zygote leads a session of its own, so no member's parent is in the same session.)"""
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass  # already ended (the zygote reports it as usual)
+
+
 def _drain(fd: int) -> str:
     """Everything the child writes until it closes its end (it exits), keeping the tail."""
     tail = b""
@@ -88,6 +102,7 @@ def serve(lean: bool) -> None:
             os.close(read_end)
             _child(request, write_end, zygote)
         os.close(write_end)
+        _own_group(pid)
         lower_priority(pid, int(request.get("nice", 0)))  # from outside, as for a spawned one: even if stopped
         _reply({"pid": pid})
         output = _drain(read_end)

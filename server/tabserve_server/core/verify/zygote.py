@@ -104,7 +104,9 @@ class Zygote:
         )
 
     def _stop(self) -> None:
-        """Kill the zygote and any child of its own (they share its process group); reap it."""
+        """Kill the zygote (its process group: anything it started before it put a child in a group of its own);
+        reap it. Its child dies with it: by its parent-death signal once armed, else as fork_server's `_own_group`
+        says."""
         process, self._process = self._process, None
         if process is None:
             return
