@@ -21,9 +21,9 @@ from tabserve.control.v1 import control_pb2
 from tabserve_client import ScoringClient
 from tabserve_demo.applicants import make_applicants
 from tabserve_demo.processes import MonitorProcess
+from tests.convergence_harness import Scorer
 from tests.production_registry import BUCKET, MODES, Stores, Topology, start_stores, start_topology
 from tests.support import Server, monitor_settings, sample_key, scrape, server_settings, wait_for
-from tests.test_convergence import Scorer
 
 ROWS = make_applicants(4, seed=20261127)[0]
 WAIT = 90.0  # bound of every wait for a reload or a convergence on a busy machine
