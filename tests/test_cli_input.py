@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ def test_server_error_names_the_input_row(
     code, out, err = run(["score", str(source), "--target", target, "--batch-size", "2"], capsys)
     assert code == 1
     assert err.startswith("error: INVALID_ARGUMENT: row 5 (line 7): feature 'age' is inf"), err
+    assert re.search(r" \(request id [0-9a-f]{32}\)$", err.strip()), err  # finds the server's lines of the call
     assert out == "" and "Traceback" not in err
 
 

@@ -18,6 +18,7 @@ import pytest
 from tabserve.inference.v2 import open_inference_grpc_pb2 as v2_pb
 from tabserve.inference.v2 import open_inference_grpc_pb2_grpc as v2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from tabserve_client.retry import returned_request_id
 from tabserve_common.logs import JsonLineFormatter, TextFormatter
 from tabserve_demo.processes import MonitorProcess
 from tests.support import MODEL_NAME, Server, monitor_settings, scrape, server_settings, wait_for
@@ -94,7 +95,7 @@ def _refused_calls(target: str) -> list[str]:
             with pytest.raises(grpc.RpcError) as caught:
                 scoring_pb2_grpc.ScoringStub(channel).Score(bad, metadata=metadata, timeout=10)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            ids.append(dict(caught.value.initial_metadata())["x-request-id"])  # type: ignore[attr-defined]
+            ids.append(returned_request_id(caught.value))
         tensor = v2_pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP64", shape=[1, 3])
         infer = v2_pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[tensor], raw_input_contents=[bytes(24)])
         with pytest.raises(grpc.RpcError) as caught:
@@ -102,7 +103,7 @@ def _refused_calls(target: str) -> list[str]:
                 infer, metadata=(("x-request-id", "logs-v2-1"),), timeout=10
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        ids.append(dict(caught.value.initial_metadata())["x-request-id"])  # type: ignore[attr-defined]
+        ids.append(returned_request_id(caught.value))
     assert ids[0] == "logs-score-1" and ids[2] == "logs-v2-1" and re.fullmatch(r"[0-9a-f]{32}", ids[1])
     return ids
 

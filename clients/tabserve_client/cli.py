@@ -77,7 +77,7 @@ def _score_all(
                 matrix, explain=True, top_k=explain.top_k, explain_all_rows=explain.all_rows
             )
         except ScoringError as exc:
-            raise ScoringError(exc.code, _with_offset(exc.details, offset, parsed.lines)) from None
+            raise ScoringError(exc.code, _with_offset(exc.details, offset, parsed.lines), exc.request_id) from None
         if len(batch) != matrix.shape[0]:
             raise ScoringError(
                 grpc.StatusCode.INTERNAL,
@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         if exc.overloaded:
             print(f"error: the server is overloaded: it refused the call until the {args.timeout:g} s timeout ran "
                   "out, retried as it asked; try again later, or with a longer --timeout", file=sys.stderr)
-        print(f"error: {exc.code.name}: {exc.details or 'no details'}", file=sys.stderr)
+        # The request id finds the server's log lines and decision record of the call (README, Request ids).
+        request = f" (request id {exc.request_id})" if exc.request_id else ""
+        print(f"error: {exc.code.name}: {exc.details or 'no details'}{request}", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:  # e.g. piped into `head`
         try:

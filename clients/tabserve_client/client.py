@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_client.channel import ChannelClient, Keepalive, TlsOptions, open_channel
-from tabserve_client.retry import RetryPolicy, call_with_retries, new_request_id
+from tabserve_client.retry import RetryPolicy, call_with_retries, new_request_id, returned_request_id
 
 SCORING_SERVICE = "tabserve.scoring.v1.Scoring"
 OVERLOADED = "server overloaded"  # how the server's refusals for load begin
@@ -40,12 +40,15 @@ class ScoringError(Exception):
     Attributes:
         code: the gRPC status code (e.g. ``grpc.StatusCode.INVALID_ARGUMENT``).
         details: the server's message; for bad input it names the offending row and feature.
+        request_id: the call's request id, as the server returned it (the one the client sent when the server
+            never answered); '' for errors found before sending.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str = "") -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.request_id = request_id
 
     @property
     def overloaded(self) -> bool:
@@ -338,4 +341,4 @@ class ScoringClient(ChannelClient):
                 request_id=request_id,
             )
         except grpc.RpcError as exc:
-            raise ScoringError(exc.code(), exc.details() or "") from None
+            raise ScoringError(exc.code(), exc.details() or "", returned_request_id(exc) or request_id) from None

@@ -53,6 +53,18 @@ def pushback_ms(error: grpc.RpcError) -> int | None:
     return None
 
 
+def returned_request_id(call: Any) -> str:
+    """The request id the server returned for `call` (a finished call, or its RpcError): from the trailing
+    metadata, where the server sends it on every outcome, else from the initial metadata (servers before
+    2026-11-28 sent it there); '' when neither holds one."""
+    for part in ("trailing_metadata", "initial_metadata"):
+        metadata: Any = getattr(call, part, lambda: None)() or ()
+        for key, value in metadata:
+            if key == REQUEST_ID_KEY:
+                return str(value)
+    return ""
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 

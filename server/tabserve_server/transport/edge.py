@@ -23,7 +23,7 @@ from tabserve_server.metrics import ServerMetrics
 from tabserve_server.transport.admission import Admission, InlineExecutor, Refusal
 from tabserve_server.transport.errors import status_of
 from tabserve_server.transport.identity import CallerPolicy, caller_identity
-from tabserve_server.transport.request_id import begin_call, end_call
+from tabserve_server.transport.request_id import REQUEST_ID_KEY, begin_call, call_request_id, end_call
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ class Edge(grpc.ServerInterceptor):  # type: ignore[misc]
                 child = self._refusals[refusal.reason] = self._metrics.refused.labels(refusal.reason)
             child.inc()
         self._count(method, "UNAVAILABLE", seconds)
-        context.set_trailing_metadata(((PUSHBACK_KEY, str(refusal.pushback_ms)),))
+        # Replaces the trailing metadata begin_call set: the request id goes with the pushback.
+        context.set_trailing_metadata(((PUSHBACK_KEY, str(refusal.pushback_ms)), (REQUEST_ID_KEY, call_request_id())))
         context.abort(grpc.StatusCode.UNAVAILABLE, refusal.message)
 
     def _refuser(self, method: str, refusal: Refusal) -> Callable[..., Any]:

@@ -1,11 +1,16 @@
 """The request id of a public call: the caller's `x-request-id` metadata, else a new one; returned to the caller
-in the response's initial metadata and set for the server's log lines of the call (logs.py).
+in the response's trailing metadata (every outcome: answered, failed, refused) and set for the server's log lines
+of the call (logs.py).
+
+Trailing, not initial: grpcio sends a unary call's initial metadata in the same batch as its status only while
+the application sent none; sending the id there was one more batch, one more event on gRPC's polling thread (the
+server's serial stage) per call: about 0.06 of single-row throughput (docs/performance.md, run 12).
 
 A caller's id is kept when it is 1..128 printable ASCII characters without spaces (anything else would let a
 caller write control characters into log lines and records); otherwise, and when there is none, the server
 makes one: 32 hex digits, a random prefix drawn once per process (64 bits) and a counter (64 bits). That is
 unique like a uuid4 across processes and calls, without a uuid4's `os.urandom` system call on every call (most
-callers, h2load among them, send no id). The caller learns it from the response's initial metadata.
+callers, h2load among them, send no id). The caller learns it from the response's trailing metadata.
 """
 
 from __future__ import annotations
@@ -57,12 +62,10 @@ def new_request_id() -> str:
 
 
 def begin_call(context: grpc.ServicerContext) -> Token[str]:
-    """Give the call its request id: sent in the initial metadata, set for log lines until `end_call`."""
+    """Give the call its request id: in the trailing metadata (a later `set_trailing_metadata` of the call must
+    carry it again), set for log lines until `end_call`."""
     request_id = request_id_of(context)
-    try:
-        context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-    except grpc.RpcError:
-        pass  # the caller is gone (cancelled, deadline passed): the Edge still answers and counts the call
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     return CALL_REQUEST_ID.set(request_id)
 
 
