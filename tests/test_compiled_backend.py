@@ -24,6 +24,7 @@ from tabserve_server.core.compiled import (
     ABSOLUTE_BOUND,
     OBJECT,
     VERIFIED,
+    CompiledPredictor,
     CompileFailed,
     checked_predictor,
     compare,
@@ -77,6 +78,43 @@ def test_a_wrong_predictor_is_refused(booster: Any, tmp_path: Path) -> None:
     expected = np.array([0.4, 0.5, 0.6])
     with pytest.raises(CompileFailed, match="flips 1 decisions"):
         compare(expected, expected + np.array([0.0, -1e-13, 0.0]), threshold=0.5)
+
+
+def test_the_single_row_path_is_checked_on_its_own(
+    booster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lightgbm = LightGBMPredictor(booster, batch_threads=1)
+    facts = compile_checked(lightgbm, booster.model_to_string().encode(), tmp_path / "entry", threshold=0.48)
+    code = (tmp_path / "entry" / OBJECT).read_bytes()
+    one = CompiledPredictor.predict_one
+    # Batches right, single rows off by more than the bound: only the one-by-one check can see it.
+    monkeypatch.setattr(CompiledPredictor, "predict_one", lambda self, matrix: one(self, matrix) + 1e-9)
+    with pytest.raises(CompileFailed, match=r"differs from Booster\.predict") as refused:
+        checked_predictor(lightgbm, code, facts["compiler"], 0.48, rows=256, threads=1)
+    assert refused.value.reason == "unverified"
+
+
+def test_single_rows_scored_from_many_threads_at_once_each_get_their_own_score(
+    booster: Any, tmp_path: Path
+) -> None:
+    lightgbm = LightGBMPredictor(booster, batch_threads=1)
+    facts = compile_checked(lightgbm, booster.model_to_string().encode(), tmp_path / "entry", threshold=0.48)
+    predictor, _ = checked_predictor(lightgbm, (tmp_path / "entry" / OBJECT).read_bytes(), facts["compiler"],
+                                     0.48, rows=64, threads=1)
+    rows = _rows(2_000, seed=13)
+    expected = predictor.predict_batch(rows)
+    got = np.full(len(rows), np.nan)
+
+    def score(offset: int) -> None:  # each thread its own rows; the C call releases the GIL between them
+        for i in range(offset, len(rows), 4):
+            got[i] = predictor.predict(rows[i : i + 1])[0]
+
+    threads = [threading.Thread(target=score, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert np.array_equal(got, expected)
 
 
 # --- through the server --------------------------------------------------------------------------------------
