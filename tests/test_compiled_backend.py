@@ -30,6 +30,7 @@ from tabserve_server.core.compiled import (
     compare,
     compile_checked,
 )
+from tabserve_server.core.compiling import COMPILING
 from tabserve_server.core.model import LightGBMPredictor
 from tabserve_server.decisions.record import decision_records
 from tabserve_server.settings import ServerSettings
@@ -132,7 +133,9 @@ def _settled_backend(app: Any) -> Any:
                 served = control.status().serving
             except ControlError:  # a control call past its deadline on a loaded machine: asked again
                 return None
-            return served if served.backend == "compiled" or served.backend_note not in ("", "compiling") else None
+            note = served.backend_note
+            settled = served.backend == "compiled" or (note and not note.startswith(COMPILING))
+            return served if settled else None
 
         return wait_for(settled, timeout=COMPILE_WAIT, interval=0.2, what="the compiled backend to settle")
 
@@ -253,15 +256,43 @@ FAKE_COMPILERS = {
     "failed": "raise RuntimeError('LLVM ERROR: out of registers (a fake compiler)')",
     "timeout": "import time; time.sleep(60)",
 }
+# A compiler that fails its first compile (the verifier process of the first attempt) and is the real lleaves
+# from then on: it replaces itself in sys.modules, with its own directory out of sys.path.
+FAILS_ONCE = """
+import os, sys
+_here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_marker = os.path.join(_here, "failed-once")
+if os.path.exists(_marker):
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    del sys.modules["lleaves"]
+    import lleaves
+    sys.modules[__name__] = lleaves
+else:
+    open(_marker, "w").close()
+
+    class Model:
+        def __init__(self, model_file):
+            pass
+
+        def num_model_per_iteration(self):
+            return 1
+
+        def compile(self, cache=None):
+            raise RuntimeError("LLVM ERROR: a fake compiler failing once")
+"""
 
 
-@pytest.mark.parametrize("outcome", sorted(FAKE_COMPILERS))
+def _fake_lleaves(directory: Path, module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    (directory / "lleaves").mkdir(parents=True)
+    (directory / "lleaves" / "__init__.py").write_text(module)
+    monkeypatch.setenv("PYTHONPATH", str(directory))  # the verifier process imports the fake first
+
+
+@pytest.mark.parametrize(("outcome", "attempts"), [("failed", 3), ("timeout", 1)])
 def test_a_compiler_that_fails_or_hangs_leaves_the_booster_serving(
-    outcome: str, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    outcome: str, attempts: int, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = tmp_path / "fake" / "lleaves"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text(textwrap.dedent(f"""
+    _fake_lleaves(tmp_path / "fake", textwrap.dedent(f"""
         class Model:
             def __init__(self, model_file):
                 pass
@@ -271,15 +302,38 @@ def test_a_compiler_that_fails_or_hangs_leaves_the_booster_serving(
 
             def compile(self, cache=None):
                 {FAKE_COMPILERS[outcome]}
-    """))
-    monkeypatch.setenv("PYTHONPATH", str(fake.parent))  # the verifier process imports the fake first
-    with running_app(_compiled_settings(tracking_uri, tmp_path / "cache", compile_timeout_seconds=8.0)) as app:
+    """), monkeypatch)
+    settings = _compiled_settings(tracking_uri, tmp_path / "cache", compile_timeout_seconds=8.0,
+                                  compile_attempts=attempts)
+    with running_app(settings) as app:
         served = _settled_backend(app)
         assert served.backend == "lightgbm"
-        assert f"compiled backend unavailable ({outcome})" in served.backend_note
+        assert f"compiled backend unavailable ({outcome}, attempt {attempts} of {attempts})" in served.backend_note
         expected = "out of registers" if outcome == "failed" else "ran past compile_timeout_seconds"
         assert expected in served.backend_note
         metrics = scrape(app.metrics_port)
-        assert metrics[sample_key("tabserve_server_compiles_total", outcome=outcome)] == 1
+        assert metrics[sample_key("tabserve_server_compiles_total", outcome=outcome)] == attempts
         assert metrics[sample_key("tabserve_server_backend_info", backend="lightgbm",
                                   version=served.backend_version)] == 1
+
+
+def test_a_failed_compile_is_tried_again_and_then_serves(
+    tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_lleaves(tmp_path / "fake", FAILS_ONCE, monkeypatch)
+    notes: list[str] = []
+    with running_app(_compiled_settings(tracking_uri, tmp_path / "cache", compile_attempts=2,
+                                        retry_initial_seconds=3.0, retry_max_seconds=3.0)) as app:
+        def compiled() -> bool:
+            model = app.manager.current()
+            if model is not None and model.backend_note not in notes:
+                notes.append(model.backend_note)
+            return model is not None and model.predictor.backend_family == "compiled"
+
+        wait_for(compiled, timeout=COMPILE_WAIT, interval=0.05, what="the second attempt to serve compiled code")
+        metrics = scrape(app.metrics_port)
+    assert metrics[sample_key("tabserve_server_compiles_total", outcome="failed")] == 1
+    assert metrics[sample_key("tabserve_server_compiles_total", outcome="compiled")] == 1
+    waiting = next(note for note in notes if "attempt 1 of 2 failed" in note)  # seen during the 3 s back-off
+    assert waiting.startswith("compiling: ") and "a fake compiler failing once" in waiting
+    assert "next attempt in 3 s" in waiting

@@ -27,7 +27,7 @@ from tabserve.control.v1 import control_pb2_grpc
 from tabserve.inference.v2 import open_inference_grpc_pb2_grpc
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from tabserve_common.mlflow_client import configure_mlflow
-from tabserve_server.core.compiling import CompiledBackend
+from tabserve_server.core.compiling import CompiledBackend, CompilePolicy
 from tabserve_server.core.dataplane import DataPlane
 from tabserve_server.core.loading import LoaderConfig, ModelLoader, model_name_from_uri
 from tabserve_server.core.manager import LoadState, ModelManager
@@ -120,6 +120,7 @@ class ServingApp:
             self.decisions, RecordBuilder(settings.decision_inputs)
         )
         self.dataplane = DataPlane(self.manager, settings.max_rows, self.metrics.observe_scores, record=recorder)
+        self.compiled: CompiledBackend | None = None  # with backend=compiled, from start()
         self.health = health.HealthServicer(
             experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
         )
@@ -172,7 +173,8 @@ class ServingApp:
         self.manager.on_swap(self.metrics.model_swapped)
         self.manager.on_swap(self._on_swap)
         if s.compiled:
-            self.manager.on_swap(self._compiled_backend().model_swapped)
+            self.compiled = self._compiled_backend()
+            self.manager.on_swap(self.compiled.model_swapped)
         self.manager.on_load(self.metrics.load_finished)
         self.metrics.model_load_failing.set_function(
             lambda: float(self.manager.status().state is LoadState.FAILED)
@@ -222,8 +224,10 @@ class ServingApp:
         config, s = self.loader.config, self.settings
         limits = replace(self.loader.limits, timeout_seconds=s.compile_timeout_seconds,
                          limit_name="compile_timeout_seconds")
-        return CompiledBackend(self.manager, config.cache_dir, limits, config.predict_threads or (os.cpu_count() or 1),
-                               lambda outcome: self.metrics.compiles.labels(outcome).inc())
+        policy = CompilePolicy(s.compile_attempts, s.retry_initial_seconds, s.retry_max_seconds)
+        return CompiledBackend(self.manager, Path(s.compile_cache_dir or config.cache_dir), limits,
+                               config.predict_threads or (os.cpu_count() or 1),
+                               lambda outcome: self.metrics.compiles.labels(outcome).inc(), policy=policy)
 
     def _on_swap(self, new: LoadedModel, old: LoadedModel | None) -> None:
         if self._stopped.is_set():
@@ -255,6 +259,8 @@ class ServingApp:
         for server in (self._health_server, self._control):
             if server is not None:
                 server.stop(0).wait()
+        if self.compiled is not None:
+            self.compiled.stop()
         self.manager.stop()
         self.loader.verifier.close()
         if self._metrics_server is not None:

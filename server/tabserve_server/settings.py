@@ -152,6 +152,16 @@ class ServerSettings(Settings):
         900.0, "Wall-clock limit of compiling and checking one model version for the compiled backend in the "
         "verifier process; past it, the booster keeps serving.", above=0,
     )
+    compile_attempts: int = setting(
+        3, "Attempts at compiling one version for the compiled backend per load: a compile that failed, crashed or "
+        "ran past compile_timeout_seconds is tried again after retry_initial_seconds, doubling up to "
+        "retry_max_seconds (a missing compiler or a predictor outside the bound is not).", minimum=1, maximum=20,
+    )
+    compile_cache_dir: str = setting(
+        "", "Directory of the compiled backend's object code; empty: cache_dir (a supervisor's workers share "
+        "its cache_dir). Processes sharing it compile each version once: one compiles under the entry's lock "
+        "file, the others wait for its entry (at most compile_timeout_seconds + 60 s, then compile themselves).",
+    )
     verifier_nice: int = setting(
         0, "Niceness the verifier process adds to the server's (0-19), so request threads win the cores while it "
         "checks a new version; no gain measured on a loaded 2-core machine (docs/performance.md).",

@@ -79,12 +79,14 @@ def worker_settings(
     """The settings of worker `index` of `count`, all binding `public_address` (and `health_address`) with the
     same TLS files; control and /metrics are private, on loopback, in plaintext (the supervisor serves both)."""
     # Each worker has its own cache directory: concurrent commits to one cache would delete each other's entries.
+    # The compiled backend's entries are shared instead (published by rename, compiled once under a lock file).
     # "0: number of cores" for batch prediction threads is shared out, so N workers do not oversubscribe.
     threads = settings.predict_threads or max(1, (os.cpu_count() or 1) // count)
     return dataclasses.replace(
         settings, address=public_address, health_address=health_address, control_address="127.0.0.1:0",
         metrics_address="127.0.0.1:0", metrics_cert_file="", metrics_key_file="",
         cache_dir=str(Path(settings.cache_dir) / f"worker-{index}"), predict_threads=threads, workers=1,
+        compile_cache_dir=settings.compile_cache_dir or settings.cache_dir,  # shared: one compile serves all
     )
 
 
