@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import textwrap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,9 +255,20 @@ FAKE_COMPILERS = {
     "failed": "raise RuntimeError('LLVM ERROR: out of registers (a fake compiler)')",
     "timeout": "import time; time.sleep(60)",
 }
+FAKE_MODEL = """
+class Model:
+    def __init__(self, model_file):
+        pass
+
+    def num_model_per_iteration(self):
+        return 1
+
+    def compile(self, cache=None):
+        {body}
+"""
 # A compiler that fails its first compile (the verifier process of the first attempt) and is the real lleaves
 # from then on: it replaces itself in sys.modules, with its own directory out of sys.path.
-FAILS_ONCE = """
+FAILS_ONCE = FAKE_MODEL.format(body="raise RuntimeError('LLVM ERROR: a fake compiler failing once')") + """
 import os, sys
 _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _marker = os.path.join(_here, "failed-once")
@@ -269,16 +279,6 @@ if os.path.exists(_marker):
     sys.modules[__name__] = lleaves
 else:
     open(_marker, "w").close()
-
-    class Model:
-        def __init__(self, model_file):
-            pass
-
-        def num_model_per_iteration(self):
-            return 1
-
-        def compile(self, cache=None):
-            raise RuntimeError("LLVM ERROR: a fake compiler failing once")
 """
 
 
@@ -292,17 +292,7 @@ def _fake_lleaves(directory: Path, module: str, monkeypatch: pytest.MonkeyPatch)
 def test_a_compiler_that_fails_or_hangs_leaves_the_booster_serving(
     outcome: str, attempts: int, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _fake_lleaves(tmp_path / "fake", textwrap.dedent(f"""
-        class Model:
-            def __init__(self, model_file):
-                pass
-
-            def num_model_per_iteration(self):
-                return 1
-
-            def compile(self, cache=None):
-                {FAKE_COMPILERS[outcome]}
-    """), monkeypatch)
+    _fake_lleaves(tmp_path / "fake", FAKE_MODEL.format(body=FAKE_COMPILERS[outcome]), monkeypatch)
     settings = _compiled_settings(tracking_uri, tmp_path / "cache", compile_timeout_seconds=8.0,
                                   compile_attempts=attempts)
     with running_app(settings) as app:
