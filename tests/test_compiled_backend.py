@@ -237,7 +237,7 @@ def test_a_wrong_compiled_predictor_in_the_cache_leaves_the_booster_serving(
 ) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(first_run.cache, cache)
-    entry = next((cache / "compiled").iterdir())
+    entry = next(path for path in (cache / "compiled").iterdir() if path.is_dir())  # not its lock file
     # Another model's code, with facts that name its bytes: only the serving process's own check can catch it.
     compile_checked(LightGBMPredictor(booster, 1), booster.model_to_string().encode(), tmp_path / "wrong", 0.48)
     shutil.copy(tmp_path / "wrong" / OBJECT, entry / OBJECT)

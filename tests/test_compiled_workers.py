@@ -50,7 +50,9 @@ def _compiled_everywhere(server: Server, version: str) -> Any:
 
 @pytest.fixture(scope="module")
 def server(registry_uri: str, cache: Path) -> Iterator[Server]:
-    running = Server(server_settings(registry_uri, cache, workers=2, backend="compiled"))
+    # What is tested is the reload, not admission: a call queued behind a compile on a loaded 2-core machine may
+    # wait past the default max_queue_seconds (0.25 s) and be refused for load; this server lets it wait.
+    running = Server(server_settings(registry_uri, cache, workers=2, backend="compiled", max_queue_seconds=30.0))
     try:
         running.settle_on("1", timeout=120)
         wait_for(lambda: _compiled_everywhere(running, "1"), timeout=COMPILE_WAIT, interval=0.2,
