@@ -247,7 +247,8 @@ def test_a_wrong_compiled_predictor_in_the_cache_leaves_the_booster_serving(
     with running_app(_compiled_settings(tracking_uri, cache)) as app:
         served = _settled_backend(app)
         assert served.backend == "lightgbm"
-        assert "(unverified)" in served.backend_note and "differs from Booster.predict" in served.backend_note
+        assert "(unverified, attempt 1 of 3, not retried)" in served.backend_note
+        assert "differs from Booster.predict" in served.backend_note
         assert isinstance(app.manager.current().predictor, LightGBMPredictor)  # type: ignore[union-attr]
 
 

@@ -105,7 +105,8 @@ class CompiledBackend:
                             "serves%s", model.name, model.version, outcome, attempt, attempts, exc,
                             "" if final else f"; next attempt in {wait:g} s",
                             exc_info=not isinstance(exc, ModelLoadError))
-                note = (f"compiled backend unavailable ({outcome}, attempt {attempt} of {attempts}): {exc}; "
+                retried = "" if outcome in RETRIED else ", not retried"
+                note = (f"compiled backend unavailable ({outcome}, attempt {attempt} of {attempts}{retried}): {exc}; "
                         "LightGBM serves" if final else
                         f"{COMPILING}: attempt {attempt} of {attempts} failed ({outcome}): {exc}; next attempt in "
                         f"{wait:g} s; LightGBM serves")
