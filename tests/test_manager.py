@@ -6,6 +6,7 @@ are recorded, so each test can say which candidate served, which was thrown away
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -174,3 +175,30 @@ def test_a_staged_candidate_a_newer_statement_does_not_want_is_discarded(
              what="version 2 staged")
     assert manager.commit_staged(aspired("2")) and serving(manager) == "2"
     assert loader.events == ["discard registry 1", "commit registry 2"]
+
+
+def test_the_loader_thread_and_threads_it_starts_run_loader_nice_levels_nicer(loader: ScriptedLoader) -> None:
+    """Niceness is per thread on Linux: the load's own work and the threads it starts (LightGBM's OpenMP pool for a
+    parse) yield the cores to request threads, whose niceness stays the process's."""
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+    load = loader.load
+
+    def observed(wanted: AspiredVersion) -> Candidate:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        started = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS,
+                                                                             threading.get_native_id())))
+        started.start()
+        started.join()
+        return load(wanted)
+
+    loader.load = observed  # type: ignore[method-assign]
+    managed = ModelManager(loader, loader_nice=5)
+    managed.start()
+    try:
+        managed.set_aspired(aspired("1"))
+        wait_for(lambda: serving(managed) == "1", timeout=5, what="version 1 served")
+    finally:
+        managed.stop()
+    assert seen == [min(19, base + 5)] * 2
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base

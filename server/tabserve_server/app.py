@@ -114,6 +114,7 @@ class ServingApp:
             allow_schema_change=settings.allow_schema_change,
             retry_initial_seconds=settings.retry_initial_seconds,
             retry_max_seconds=settings.retry_max_seconds,
+            loader_nice=settings.loader_nice,
         )
         self.decisions = open_decision_log(settings, worker, self.metrics.decision_log)
         recorder = None if self.decisions is None else DecisionRecorder(

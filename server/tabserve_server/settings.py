@@ -167,6 +167,12 @@ class ServerSettings(Settings):
         "checks a new version; no gain measured on a loaded 2-core machine (docs/performance.md).",
         minimum=0, maximum=19,
     )
+    loader_nice: int = setting(
+        10, "Niceness the loader thread adds to the server's (0-19; Linux niceness is per thread): the reload's "
+        "Python work and LightGBM's parse threads, which it starts, leave the cores to request threads first "
+        "(docs/performance.md, reload levers).",
+        minimum=0, maximum=19,
+    )
     verifier_zygote: bool = setting(
         True, "Fork each verifier process from a long-lived zygote that imported lightgbm once, instead of "
         "starting a fresh interpreter per verification (docs/architecture.md#quarantine); a dead zygote is "

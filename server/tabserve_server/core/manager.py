@@ -16,6 +16,8 @@ Contract (after TF Serving's AspiredVersionsManager with the availability-preser
   statement discards a staged model that does not satisfy it.
 - `upgrade()` swaps the served version for the same version on another backend (core/compiling.py) only
   while that version still serves, so it never undoes a newer swap.
+- The loader thread runs `loader_nice` levels nicer than the request threads (so does whatever it starts), so a
+  reload's CPU work yields the cores to scoring first.
 - With nothing served and the aspired version failing (for any reason, for example the registry is
   down at start-up), the last validated model in the local cache is served, and status says so.
 """
@@ -23,6 +25,7 @@ Contract (after TF Serving's AspiredVersionsManager with the availability-preser
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -102,6 +105,18 @@ class LoadOutcome:
     reason: str = ""
 
 
+def _lower_this_thread(nice: int) -> None:
+    """Add `nice` to the calling thread's niceness: on Linux it is per thread, and threads it starts inherit it
+    (LightGBM's OpenMP threads for a parse started here), while request threads keep theirs."""
+    if nice <= 0:
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+    except OSError as exc:
+        log.warning("could not lower the loader thread's priority: %s", exc)
+
+
 SwapListener = Callable[[LoadedModel, LoadedModel | None], None]
 LoadListener = Callable[[LoadOutcome], None]
 
@@ -114,8 +129,10 @@ class ModelManager:
         allow_schema_change: bool = False,
         retry_initial_seconds: float = 1.0,
         retry_max_seconds: float = 60.0,
+        loader_nice: int = 0,
     ) -> None:
         self._loader = loader
+        self._loader_nice = loader_nice
         self._allow_schema_change = allow_schema_change
         self._retry_initial = retry_initial_seconds
         self._retry_max = retry_max_seconds
@@ -221,6 +238,7 @@ class ModelManager:
     # --- the loader thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        _lower_this_thread(self._loader_nice)
         while not self._stopping.is_set():
             with self._lock:
                 aspired, current, failure = self._aspired, self._current, self._failure
