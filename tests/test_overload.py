@@ -88,6 +88,7 @@ def test_flood_ends_every_call_ok_or_overloaded_and_every_refusal_is_counted(ser
 def test_get_status_reports_the_bounds_of_the_process(server: Server) -> None:
     limits = server.status().admission
     assert (limits.max_in_flight, limits.max_waiting, limits.max_queue_seconds, limits.caller_share) == (4, 8, 0.1, 1.0)
+    assert limits.max_concurrent_streams == 1000
 
 
 BURST = 5000

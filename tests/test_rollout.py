@@ -200,11 +200,11 @@ def test_protos_translate_both_ways() -> None:
                                     accepting=True)
     view = aggregate(states[0].serving, [*states, None], [0, 1, 2])  # the last agreement: version 1
     entries = [WorkerEntry(0, 10, 0, 9000, good), WorkerEntry(1, 11, 2, 9001, bad), WorkerEntry(2, 12, 5, 0, None)]
-    message = status_message(AspiredVersion("m", "2", "models:/m/2"), view, entries, Limits(8, 16, 0.25, 0.5))
+    message = status_message(AspiredVersion("m", "2", "models:/m/2"), view, entries, Limits(8, 16, 0.25, 0.5, 8))
     assert message.serving == good.serving and message.serving.digest == digest  # every ServedVersion field
     bounds = message.admission  # each worker's own
     assert (bounds.max_in_flight, bounds.max_waiting) == (8, 16)
-    assert (bounds.max_queue_seconds, bounds.caller_share) == (0.25, 0.5)
+    assert (bounds.max_queue_seconds, bounds.caller_share, bounds.max_concurrent_streams) == (0.25, 0.5, 8)
     assert message.load_state == control_pb2.LOAD_STATE_FAILED and not message.accepting_requests
     assert (message.last_error, message.failed_version, message.failed_attempts) == ("worker 1: boom", "2", 3)
     assert message.last_error_at == bad.last_error_at and message.next_attempt_at == bad.next_attempt_at

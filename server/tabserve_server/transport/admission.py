@@ -63,17 +63,20 @@ def stream_options(max_concurrent_streams: int) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class Limits:
-    """`max_in_flight`: the pool's threads; `max_waiting`: queued calls; `caller_share`: of max_in_flight."""
+    """`max_in_flight`: the pool's threads; `max_waiting`: queued calls; `caller_share`: of max_in_flight;
+    `max_concurrent_streams`: streams one connection may have open (`stream_options`; 0: not known)."""
 
     max_in_flight: int
     max_waiting: int
     max_queue_seconds: float
     caller_share: float = 1.0
+    max_concurrent_streams: int = 0
 
     @classmethod
     def of(cls, settings: ServerSettings) -> Limits:
         """The bounds of one process of a server with `settings` (a multi-worker server: of each worker)."""
-        return cls(settings.max_workers, settings.waiting_limit, settings.max_queue_seconds, settings.caller_share)
+        return cls(settings.max_workers, settings.waiting_limit, settings.max_queue_seconds, settings.caller_share,
+                   settings.stream_limit)
 
     @property
     def per_caller(self) -> int:

@@ -71,6 +71,7 @@ def admission_message(limits: Limits) -> Any:
     return control_pb2.AdmissionLimits(
         max_in_flight=limits.max_in_flight, max_waiting=limits.max_waiting,
         max_queue_seconds=limits.max_queue_seconds, caller_share=limits.caller_share,
+        max_concurrent_streams=limits.max_concurrent_streams,
     )
 
 

@@ -118,16 +118,18 @@ class GetStatusResponse(_message.Message):
     def __init__(self, serving: _Optional[_Union[ServedVersion, _Mapping]] = ..., aspired: _Optional[_Union[AspiredVersion, _Mapping]] = ..., load_state: _Optional[_Union[LoadState, str]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failed_attempts: _Optional[int] = ..., failed_version: _Optional[str] = ..., accepting_requests: _Optional[bool] = ..., staged: _Optional[_Union[ServedVersion, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., admission: _Optional[_Union[AdmissionLimits, _Mapping]] = ...) -> None: ...
 
 class AdmissionLimits(_message.Message):
-    __slots__ = ("max_in_flight", "max_waiting", "max_queue_seconds", "caller_share")
+    __slots__ = ("max_in_flight", "max_waiting", "max_queue_seconds", "caller_share", "max_concurrent_streams")
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CALLER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     max_in_flight: int
     max_waiting: int
     max_queue_seconds: float
     caller_share: float
-    def __init__(self, max_in_flight: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_queue_seconds: _Optional[float] = ..., caller_share: _Optional[float] = ...) -> None: ...
+    max_concurrent_streams: int
+    def __init__(self, max_in_flight: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_queue_seconds: _Optional[float] = ..., caller_share: _Optional[float] = ..., max_concurrent_streams: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("index", "pid", "up", "restarts", "metrics_port", "status")
