@@ -236,6 +236,13 @@ def _report(result: SectionResult, *, peak: float, unloaded_p99: float, flooded:
     result.add(f"{label}: refused (counted)", "project", H2LOAD, refused, "calls", samples=sent)
     result.add(f"{label}: unaccounted (sent - OK - refused)", "project", H2LOAD, unaccounted, "calls", samples=sent)
     result.add(f"{label}: h2load stream errors", "project", H2LOAD, flooded.http_errors, "calls", samples=sent)
+    # Every call open at the server waits in one FIFO (gRPC core's queue, then the pool's) for the calls ahead of it
+    # to be answered: a call arriving behind the flood's open streams waits about open / answered-per-second
+    # (Little's law), whatever admission decides about them (docs/performance.md, "What the admitted p99 is made of").
+    open_calls = FLOOD_CONNECTIONS * streams + PROBES
+    answered = (ok + refused) / flooded.seconds if flooded.seconds else float("nan")
+    result.add(f"{label}: calls open ahead of a new one / answered per second", "project", H2LOAD,
+               open_calls / answered * 1000 if answered else float("nan"), "ms", samples=open_calls)
     flood_p99 = percentile_ms(probe.ok_seconds, 99)
     result.add(f"{label}: probe p50 (admitted)", "project", RAW_STUB, percentile_ms(probe.ok_seconds, 50), "ms",
                samples=len(probe.ok_seconds))
