@@ -128,6 +128,21 @@ class ModelInfo:
         return self.positive_label if decision else self.negative_label
 
 
+def _scores(response: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A ScoreResponse's scores (float64) and decisions (bool): packed when the server packed them (a response
+    always has a row, so empty packed bytes mean the repeated fields), else repeated."""
+    if not response.packed_scores:
+        return np.asarray(response.scores, dtype=np.float64), np.asarray(response.decisions, dtype=bool)
+    packed, flags = response.packed_scores, response.packed_decisions
+    if len(packed) % 8 or len(flags) * 8 != len(packed):
+        raise ScoringError(grpc.StatusCode.INTERNAL, f"malformed response: {len(packed)} bytes of packed scores "
+                           f"and {len(flags)} of packed decisions (expected 8 and 1 per row)")
+    # Copied out of the immutable bytes (8 and 1 bytes a row, microseconds), so the arrays stay writable as
+    # they always were.
+    scores = np.frombuffer(packed, dtype="<f8").astype(np.float64)
+    return scores, np.frombuffer(flags, dtype=np.uint8).astype(bool)
+
+
 Rows = Mapping[str, float] | Sequence[Mapping[str, float]] | np.ndarray | Any  # Any: a pandas DataFrame
 
 
@@ -205,7 +220,9 @@ class ScoringClient(ChannelClient):
         rows whose decision is adverse, or of every row with `explain_all_rows`. NaN means "missing".
         Raises ScoringError on failure.
         """
-        request = scoring_pb2.ScoreRequest(model_name=model_name)
+        # Packed scores: a server from before packed_response ignores the flag and answers with the repeated
+        # fields, which _scores() reads as well; so no capability check (and no extra call) is needed.
+        request = scoring_pb2.ScoreRequest(model_name=model_name, packed_response=True)
         if explain:
             request.explain.top_k = top_k
             request.explain.all_rows = explain_all_rows
@@ -217,12 +234,13 @@ class ScoringClient(ChannelClient):
         response = self._call(self._stub.Score, request, timeout, request_id=request_id)
         if self._feature_names is not None and response.model_version != self._feature_version:
             self._feature_names = None  # a new version may order its features differently
+        scores, decisions = _scores(response)
         return ScoreBatch(
             model_name=response.model_name,
             model_version=response.model_version,
             threshold=response.threshold,
-            scores=np.asarray(response.scores, dtype=np.float64),
-            decisions=np.asarray(response.decisions, dtype=bool),
+            scores=scores,
+            decisions=decisions,
             reasons={
                 e.row: tuple(Reason(r.feature, r.value, r.contribution, r.code, r.text) for r in e.reasons)
                 for e in response.explanations

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tabserve.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from tabserve_server.core.dataplane import DataPlane, Explanations, RowBatch
+from tabserve_server.core.dataplane import DataPlane, Explanations, RowBatch, ScoreResult
 from tabserve_server.core.model import LoadedFrom
 from tabserve_server.core.reasons import DEFAULT_TOP_K, ExplainOptions
 from tabserve_server.errors import InvalidInput
@@ -37,6 +38,16 @@ def decode_explain(request: Any) -> ExplainOptions | None:
     if not request.HasField("explain"):
         return None
     return ExplainOptions(top_k=request.explain.top_k or DEFAULT_TOP_K, all_rows=request.explain.all_rows)
+
+
+def encode_scores(result: ScoreResult, packed: bool) -> dict[str, Any]:
+    """The ScoreResponse fields of the scores and decisions: packed bytes when the request asked for them, else
+    the repeated fields (every client before packed_response)."""
+    if packed:
+        # The arrays' own buffers, little-endian: one copy into bytes, no Python object per value.
+        return {"packed_scores": result.scores.astype("<f8", copy=False).tobytes(),
+                "packed_decisions": result.decisions.astype(np.bool_, copy=False).tobytes()}
+    return {"scores": result.scores.tolist(), "decisions": result.decisions.tolist()}
 
 
 def encode_explanations(explanations: Explanations | None) -> dict[str, Any]:
@@ -68,8 +79,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             model_name=result.model.name,
             model_version=result.model.version,
             threshold=result.threshold,
-            scores=result.scores.tolist(),
-            decisions=result.decisions.tolist(),
+            **encode_scores(result, request.packed_response),
             **encode_explanations(result.explanations),
         )
 

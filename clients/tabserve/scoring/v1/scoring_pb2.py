@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tabserve/scoring/v1/scoring.proto\x12\x13tabserve.scoring.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"z\n\x08NamedRow\x12=\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32+.tabserve.scoring.v1.NamedRow.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\tNamedRows\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.tabserve.scoring.v1.NamedRow\"\x1a\n\x08\x44\x65nseRow\x12\x0e\n\x06values\x18\x01 \x03(\x01\"8\n\tDenseRows\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.tabserve.scoring.v1.DenseRow\"2\n\nMatrixRows\x12\x12\n\nfloat64_le\x18\x01 \x01(\x0c\x12\x10\n\x08num_rows\x18\x02 \x01(\r\"\x8c\x02\n\x0cScoreRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12/\n\x05named\x18\x03 \x01(\x0b\x32\x1e.tabserve.scoring.v1.NamedRowsH\x00\x12/\n\x05\x64\x65nse\x18\x04 \x01(\x0b\x32\x1e.tabserve.scoring.v1.DenseRowsH\x00\x12\x31\n\x06matrix\x18\x05 \x01(\x0b\x32\x1f.tabserve.scoring.v1.MatrixRowsH\x00\x12\x34\n\x07\x65xplain\x18\x06 \x01(\x0b\x32#.tabserve.scoring.v1.ExplainOptionsB\x06\n\x04rows\"1\n\x0e\x45xplainOptions\x12\r\n\x05top_k\x18\x01 \x01(\r\x12\x10\n\x08\x61ll_rows\x18\x02 \x01(\x08\"Z\n\x06Reason\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\"K\n\x0eRowExplanation\x12\x0b\n\x03row\x18\x01 \x01(\r\x12,\n\x07reasons\x18\x02 \x03(\x0b\x32\x1b.tabserve.scoring.v1.Reason\"\xc3\x01\n\rScoreResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0e\n\x06scores\x18\x04 \x03(\x01\x12\x11\n\tdecisions\x18\x05 \x03(\x08\x12\x39\n\x0c\x65xplanations\x18\x06 \x03(\x0b\x32#.tabserve.scoring.v1.RowExplanation\x12\x16\n\x0e\x65xpected_value\x18\x07 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"%\n\x07\x46\x65\x61ture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\"\xf1\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x15\n\rrequested_uri\x18\x04 \x01(\t\x12\x12\n\nsource_uri\x18\x05 \x01(\t\x12\x34\n\x0bloaded_from\x18\x06 \x01(\x0e\x32\x1f.tabserve.scoring.v1.LoadedFrom\x12-\n\tloaded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15load_duration_seconds\x18\x08 \x01(\x01\x12.\n\x08\x66\x65\x61tures\x18\t \x03(\x0b\x32\x1c.tabserve.scoring.v1.Feature\x12\x11\n\tthreshold\x18\n \x01(\x01\x12\x18\n\x10threshold_source\x18\x0b \x01(\t\x12\x0e\n\x06\x66lavor\x18\x0c \x01(\t\x12\x16\n\x0epositive_label\x18\r \x01(\t\x12\x16\n\x0enegative_label\x18\x0e \x01(\t\x12\x15\n\radverse_label\x18\x0f \x01(\t\x12\x18\n\x10has_reason_table\x18\x10 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x11 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x12 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_version\x18\x13 \x01(\t*q\n\nLoadedFrom\x12\x1b\n\x17LOADED_FROM_UNSPECIFIED\x10\x00\x12\x18\n\x14LOADED_FROM_REGISTRY\x10\x01\x12\x15\n\x11LOADED_FROM_CACHE\x10\x02\x12\x15\n\x11LOADED_FROM_LOCAL\x10\x03\x32\xb3\x01\n\x07Scoring\x12N\n\x05Score\x12!.tabserve.scoring.v1.ScoreRequest\x1a\".tabserve.scoring.v1.ScoreResponse\x12X\n\x0cGetModelInfo\x12(.tabserve.scoring.v1.GetModelInfoRequest\x1a\x1e.tabserve.scoring.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tabserve/scoring/v1/scoring.proto\x12\x13tabserve.scoring.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"z\n\x08NamedRow\x12=\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32+.tabserve.scoring.v1.NamedRow.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\tNamedRows\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.tabserve.scoring.v1.NamedRow\"\x1a\n\x08\x44\x65nseRow\x12\x0e\n\x06values\x18\x01 \x03(\x01\"8\n\tDenseRows\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.tabserve.scoring.v1.DenseRow\"2\n\nMatrixRows\x12\x12\n\nfloat64_le\x18\x01 \x01(\x0c\x12\x10\n\x08num_rows\x18\x02 \x01(\r\"\xa5\x02\n\x0cScoreRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12/\n\x05named\x18\x03 \x01(\x0b\x32\x1e.tabserve.scoring.v1.NamedRowsH\x00\x12/\n\x05\x64\x65nse\x18\x04 \x01(\x0b\x32\x1e.tabserve.scoring.v1.DenseRowsH\x00\x12\x31\n\x06matrix\x18\x05 \x01(\x0b\x32\x1f.tabserve.scoring.v1.MatrixRowsH\x00\x12\x34\n\x07\x65xplain\x18\x06 \x01(\x0b\x32#.tabserve.scoring.v1.ExplainOptions\x12\x17\n\x0fpacked_response\x18\x07 \x01(\x08\x42\x06\n\x04rows\"1\n\x0e\x45xplainOptions\x12\r\n\x05top_k\x18\x01 \x01(\r\x12\x10\n\x08\x61ll_rows\x18\x02 \x01(\x08\"Z\n\x06Reason\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\"K\n\x0eRowExplanation\x12\x0b\n\x03row\x18\x01 \x01(\r\x12,\n\x07reasons\x18\x02 \x03(\x0b\x32\x1b.tabserve.scoring.v1.Reason\"\xf4\x01\n\rScoreResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0e\n\x06scores\x18\x04 \x03(\x01\x12\x11\n\tdecisions\x18\x05 \x03(\x08\x12\x39\n\x0c\x65xplanations\x18\x06 \x03(\x0b\x32#.tabserve.scoring.v1.RowExplanation\x12\x16\n\x0e\x65xpected_value\x18\x07 \x01(\x01\x12\x15\n\rpacked_scores\x18\x08 \x01(\x0c\x12\x18\n\x10packed_decisions\x18\t \x01(\x0c\"\x15\n\x13GetModelInfoRequest\"%\n\x07\x46\x65\x61ture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\"\xf1\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x15\n\rrequested_uri\x18\x04 \x01(\t\x12\x12\n\nsource_uri\x18\x05 \x01(\t\x12\x34\n\x0bloaded_from\x18\x06 \x01(\x0e\x32\x1f.tabserve.scoring.v1.LoadedFrom\x12-\n\tloaded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15load_duration_seconds\x18\x08 \x01(\x01\x12.\n\x08\x66\x65\x61tures\x18\t \x03(\x0b\x32\x1c.tabserve.scoring.v1.Feature\x12\x11\n\tthreshold\x18\n \x01(\x01\x12\x18\n\x10threshold_source\x18\x0b \x01(\t\x12\x0e\n\x06\x66lavor\x18\x0c \x01(\t\x12\x16\n\x0epositive_label\x18\r \x01(\t\x12\x16\n\x0enegative_label\x18\x0e \x01(\t\x12\x15\n\radverse_label\x18\x0f \x01(\t\x12\x18\n\x10has_reason_table\x18\x10 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x11 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x12 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_version\x18\x13 \x01(\t*q\n\nLoadedFrom\x12\x1b\n\x17LOADED_FROM_UNSPECIFIED\x10\x00\x12\x18\n\x14LOADED_FROM_REGISTRY\x10\x01\x12\x15\n\x11LOADED_FROM_CACHE\x10\x02\x12\x15\n\x11LOADED_FROM_LOCAL\x10\x03\x32\xb3\x01\n\x07Scoring\x12N\n\x05Score\x12!.tabserve.scoring.v1.ScoreRequest\x1a\".tabserve.scoring.v1.ScoreResponse\x12X\n\x0cGetModelInfo\x12(.tabserve.scoring.v1.GetModelInfoRequest\x1a\x1e.tabserve.scoring.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NAMEDROW_FEATURESENTRY']._loaded_options = None
   _globals['_NAMEDROW_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_LOADEDFROM']._serialized_start=1662
-  _globals['_LOADEDFROM']._serialized_end=1775
+  _globals['_LOADEDFROM']._serialized_start=1736
+  _globals['_LOADEDFROM']._serialized_end=1849
   _globals['_NAMEDROW']._serialized_start=91
   _globals['_NAMEDROW']._serialized_end=213
   _globals['_NAMEDROW_FEATURESENTRY']._serialized_start=166
@@ -49,21 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATRIXROWS']._serialized_start=359
   _globals['_MATRIXROWS']._serialized_end=409
   _globals['_SCOREREQUEST']._serialized_start=412
-  _globals['_SCOREREQUEST']._serialized_end=680
-  _globals['_EXPLAINOPTIONS']._serialized_start=682
-  _globals['_EXPLAINOPTIONS']._serialized_end=731
-  _globals['_REASON']._serialized_start=733
-  _globals['_REASON']._serialized_end=823
-  _globals['_ROWEXPLANATION']._serialized_start=825
-  _globals['_ROWEXPLANATION']._serialized_end=900
-  _globals['_SCORERESPONSE']._serialized_start=903
-  _globals['_SCORERESPONSE']._serialized_end=1098
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1100
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1121
-  _globals['_FEATURE']._serialized_start=1123
-  _globals['_FEATURE']._serialized_end=1160
-  _globals['_MODELINFO']._serialized_start=1163
-  _globals['_MODELINFO']._serialized_end=1660
-  _globals['_SCORING']._serialized_start=1778
-  _globals['_SCORING']._serialized_end=1957
+  _globals['_SCOREREQUEST']._serialized_end=705
+  _globals['_EXPLAINOPTIONS']._serialized_start=707
+  _globals['_EXPLAINOPTIONS']._serialized_end=756
+  _globals['_REASON']._serialized_start=758
+  _globals['_REASON']._serialized_end=848
+  _globals['_ROWEXPLANATION']._serialized_start=850
+  _globals['_ROWEXPLANATION']._serialized_end=925
+  _globals['_SCORERESPONSE']._serialized_start=928
+  _globals['_SCORERESPONSE']._serialized_end=1172
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1174
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1195
+  _globals['_FEATURE']._serialized_start=1197
+  _globals['_FEATURE']._serialized_end=1234
+  _globals['_MODELINFO']._serialized_start=1237
+  _globals['_MODELINFO']._serialized_end=1734
+  _globals['_SCORING']._serialized_start=1852
+  _globals['_SCORING']._serialized_end=2031
 # @@protoc_insertion_point(module_scope)

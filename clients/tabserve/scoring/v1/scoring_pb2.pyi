@@ -61,20 +61,22 @@ class MatrixRows(_message.Message):
     def __init__(self, float64_le: _Optional[bytes] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "named", "dense", "matrix", "explain")
+    __slots__ = ("model_name", "model_version", "named", "dense", "matrix", "explain", "packed_response")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAMED_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     MATRIX_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    PACKED_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     named: NamedRows
     dense: DenseRows
     matrix: MatrixRows
     explain: ExplainOptions
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., named: _Optional[_Union[NamedRows, _Mapping]] = ..., dense: _Optional[_Union[DenseRows, _Mapping]] = ..., matrix: _Optional[_Union[MatrixRows, _Mapping]] = ..., explain: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
+    packed_response: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., named: _Optional[_Union[NamedRows, _Mapping]] = ..., dense: _Optional[_Union[DenseRows, _Mapping]] = ..., matrix: _Optional[_Union[MatrixRows, _Mapping]] = ..., explain: _Optional[_Union[ExplainOptions, _Mapping]] = ..., packed_response: _Optional[bool] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
     __slots__ = ("top_k", "all_rows")
@@ -107,7 +109,7 @@ class RowExplanation(_message.Message):
     def __init__(self, row: _Optional[int] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "threshold", "scores", "decisions", "explanations", "expected_value")
+    __slots__ = ("model_name", "model_version", "threshold", "scores", "decisions", "explanations", "expected_value", "packed_scores", "packed_decisions")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +117,8 @@ class ScoreResponse(_message.Message):
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VALUE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_SCORES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     threshold: float
@@ -122,7 +126,9 @@ class ScoreResponse(_message.Message):
     decisions: _containers.RepeatedScalarFieldContainer[bool]
     explanations: _containers.RepeatedCompositeFieldContainer[RowExplanation]
     expected_value: float
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., threshold: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., decisions: _Optional[_Iterable[bool]] = ..., explanations: _Optional[_Iterable[_Union[RowExplanation, _Mapping]]] = ..., expected_value: _Optional[float] = ...) -> None: ...
+    packed_scores: bytes
+    packed_decisions: bytes
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., threshold: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ..., decisions: _Optional[_Iterable[bool]] = ..., explanations: _Optional[_Iterable[_Union[RowExplanation, _Mapping]]] = ..., expected_value: _Optional[float] = ..., packed_scores: _Optional[bytes] = ..., packed_decisions: _Optional[bytes] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
