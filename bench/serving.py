@@ -5,7 +5,8 @@ on a shared machine hits both sides alike. Figures:
 - sequential single-row latency, p50/p99 (>= 2,000 calls per server and generator in a full run);
 - single-row throughput with 16 concurrent callers (Python threads: the generator itself costs about a
   core here, so the h2load section is the one that decides the throughput target);
-- 1,000-row batch rows/s through the matrix (columnar) path;
+- 1,000-row batch rows/s through the matrix (row-major bytes) path: the raw stub gets the repeated `scores` /
+  `decisions` back, the client library (which sets `packed_response`) packed bytes;
 - `run_reload`: p99 and failed calls while the served version is switched back and forth under load.
 """
 
