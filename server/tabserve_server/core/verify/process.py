@@ -114,11 +114,13 @@ def judge(ended: Ended, label: str, limits: VerifyLimits, started: float) -> Ver
 def lower_priority(pid: int, nice: int) -> None:
     """Set right after the start (the interpreter's own start-up included), so no code of the child's own has to.
 
-    Niceness only weighs the verifier against runnable request threads: on idle cores it runs at full speed."""
+    Niceness only weighs the verifier against runnable request threads: on idle cores it runs at full speed.
+    Relative to this process's main thread (its pid), not to the calling thread: on Linux a thread has a niceness
+    of its own, and the loader thread that starts verifiers runs at `loader_nice` already."""
     if nice <= 0:
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + nice))
     except OSError:
         return  # already gone: its end is judged below as usual
 
