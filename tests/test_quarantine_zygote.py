@@ -167,12 +167,11 @@ def test_the_zygote_and_its_child_die_with_the_serving_process_even_stopped(faul
 
 
 def test_a_spawned_process_is_armed_to_die_with_its_parent_before_its_own_code_runs() -> None:
-    """The child here never arms anything itself: only `lifeline.preexec` can make it die with its parent."""
+    """The child here never arms anything itself: only `lifeline.spawn_prefix` can make it die with its parent."""
     code = textwrap.dedent("""
         import os, subprocess, sys
         from tabserve_server.core.verify import lifeline
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                                 preexec_fn=lifeline.preexec(os.getpid()))
+        child = subprocess.Popen([*lifeline.spawn_prefix(), sys.executable, "-c", "import time; time.sleep(600)"])
         print(child.pid, flush=True)
         sys.stdin.read()
     """)

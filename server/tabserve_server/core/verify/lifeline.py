@@ -1,16 +1,21 @@
 """Verifier processes die with the process that started them: the kernel's parent-death signal, armed first.
 
-`preexec(parent)` arms it in a child of `subprocess` after the fork and before the exec (the signal survives
-exec), so no instant of the child's life, not even the interpreter's start-up, can outlive a dead server: a
-verifier stopped (SIGSTOP) before its own code ran would otherwise never arm it. `arm(parent)` does the same
-in a child forked by the zygote, as the first thing it does. The kernel sends the signal when the *thread* that
-forked the child ends: start a child from a thread that outlives it (zygote.py keeps one for that).
+`spawn_prefix()` starts a process through util-linux's `setpriv --pdeathsig KILL`, which arms the signal and
+then executes the command (the signal survives exec), so no instant of the child's life, not even the
+interpreter's start-up, can outlive a dead server: a verifier stopped (SIGSTOP) before its own code ran would
+otherwise never arm it. Not a `preexec_fn`: with one, CPython runs the parent's at-fork hooks (threading's among
+them) in the child of a threaded server before the exec, and a verifier child once died there ("Fatal Python
+error: Aborted" in `threading._after_fork`). `arm(parent)` arms it in a child forked by the zygote, as the first
+thing it does, and again in a spawned process (harmless, and its only arming where `setpriv` is missing). The
+kernel sends the signal when the *thread* that forked the child ends: start a child from a thread that outlives
+it (zygote.py keeps one for that).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 from collections.abc import Callable
 
@@ -40,12 +45,14 @@ def arm(parent_pid: int) -> None:
         os._exit(1)
 
 
-def preexec(parent_pid: int) -> Callable[[], None]:
-    """A `preexec_fn` for subprocess.Popen that arms the parent-death signal before the exec.
+# Resolved once: util-linux is in every Debian system (the image's base included).
+_SETPRIV = shutil.which("setpriv")
 
-    `preexec_fn` is unsafe in a threaded parent when it runs code that takes a lock another thread may have held
-    at the fork (imports, logging, dlopen); this one calls an already-resolved C function and compares two pids."""
-    return lambda: arm(parent_pid)
+
+def spawn_prefix() -> list[str]:
+    """What goes before a command so that its process is armed before its own code runs (module docstring);
+    nothing where `setpriv` is missing (then the process's own `arm` is its only arming)."""
+    return [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 
 
 def name(comm: str) -> None:
@@ -54,4 +61,4 @@ def name(comm: str) -> None:
         _PRCTL(_PR_SET_NAME, comm.encode()[:15])
 
 
-__all__ = ["arm", "name", "preexec"]
+__all__ = ["arm", "name", "spawn_prefix"]

@@ -68,12 +68,11 @@ def verify(directory: Path, label: str, limits: VerifyLimits, compile_to: Path |
     """Check the model in `directory` in a fresh process; raise ModelLoadError (VerifierFailed: it died) if unfit.
 
     With `compile_to`, the process also compiles it there for the compiled backend (core/compiled.py)."""
-    command = [sys.executable, "-m", "tabserve_server.core.verify",
+    command = [*lifeline.spawn_prefix(), sys.executable, "-m", "tabserve_server.core.verify",
                *arguments(directory, label, limits, os.getpid(), compile_to=compile_to, threshold=threshold)]
     started = time.monotonic()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env={**os.environ, **VERIFIER_ENV}, start_new_session=True,
-                          preexec_fn=lifeline.preexec(os.getpid())) as child:  # noqa: PLW1509  # lifeline.py
+                          env={**os.environ, **VERIFIER_ENV}, start_new_session=True) as child:
         lower_priority(child.pid, limits.nice)
         try:
             output, _ = child.communicate(timeout=limits.timeout_seconds)

@@ -96,11 +96,11 @@ class Zygote:
         self._ready, self._buffer = False, b""
 
     def _popen(self) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "tabserve_server.core.verify.fork_server", "--parent-pid", str(os.getpid())]
+        command = [*lifeline.spawn_prefix(), sys.executable, "-m", "tabserve_server.core.verify.fork_server",
+                   "--parent-pid", str(os.getpid())]
         return subprocess.Popen(
             [*command, "--lean"] if self._lean else command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env={**os.environ, **VERIFIER_ENV}, start_new_session=True,
-            preexec_fn=lifeline.preexec(os.getpid()),  # noqa: PLW1509  # safe as lifeline.py says
         )
 
     def _stop(self) -> None:
