@@ -49,6 +49,8 @@ BAD_VALUES: list[tuple[type[Settings], str, str, str]] = [
     (ServerSettings, "load_timeout_seconds", "0", "must be > 0, got 0.0"),
     (ServerSettings, "max_model_bytes", "0", "must be >= 1, got 0"),
     (ServerSettings, "verifier_nice", "20", "must be >= 0 and <= 19, got 20"),
+    (ServerSettings, "loader_nice", "-1", "must be >= 0 and <= 19, got -1"),
+    (ServerSettings, "compile_attempts", "0", "must be >= 1 and <= 20, got 0"),
     (ServerSettings, "verifier_zygote", "maybe", "must be true or false (also 1/0, yes/no, on/off), got 'maybe'"),
     (ServerSettings, "backend", "gpu", "must be one of LIGHTGBM, COMPILED, got 'gpu'"),
     (ServerSettings, "default_threshold", "1.5", "must be >= 0 and <= 1, got 1.5"),
